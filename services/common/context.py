@@ -1,0 +1,31 @@
+"""Request-scoped context: the request id that every log line carries."""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+
+REQUEST_ID_HEADER = "x-request-id"
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str:
+    return request_id_var.get()
+
+
+def set_request_id(request_id: str | None) -> contextvars.Token[str]:
+    """Binds the request id for the current task (a new one when empty)."""
+    return request_id_var.set(request_id or new_request_id())
+
+
+def request_metadata(request_id: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Outgoing gRPC metadata carrying the request id."""
+    rid = request_id or request_id_var.get()
+    if not rid or rid == "-":
+        return ()
+    return ((REQUEST_ID_HEADER, rid),)

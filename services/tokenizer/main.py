@@ -1,0 +1,79 @@
+"""`infermesh tokenizer`: the tokenizer service process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from infermesh.common.config import ServiceConfig, config_from_argv, option
+from infermesh.common.logs import configure_logging
+from infermesh.common.server import GrpcServer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenizerConfig(ServiceConfig):
+    port: int = option(50051, "gRPC port.")
+    metrics_port: int = option(9101, "Port of the Prometheus /metrics endpoint (0: none).")
+    model: list[str] = option(factory=list, help="Model directory, or NAME=DIR; repeat for several "
+                              "(default: the prepared default model).")
+    max_model_len: int = option(0, "Cap on the context window (0: the model's own).")
+    threads: int = option(4, "Threads that render and encode.")
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.max_model_len < 0:
+            problems.append("max_model_len must be >= 0")
+        if self.threads < 1:
+            problems.append("threads must be >= 1")
+        for spec in self.model:
+            from infermesh.tokenizer.models import parse_model_spec
+
+            _, path = parse_model_spec(spec)
+            if not (path / "tokenizer.json").is_file():
+                problems.append(f"model {spec!r}: {path} has no tokenizer.json")
+        return problems
+
+
+def model_specs(config: TokenizerConfig) -> list[str]:
+    if config.model:
+        return config.model
+    from infermesh.common.model_prep import default_model_dir, is_complete
+
+    default = default_model_dir()
+    if not is_complete(default):
+        raise SystemExit(f"infermesh tokenizer: the default model is not prepared ({default}); "
+                         "run `infermesh prepare-model` or pass --model DIR")
+    return [str(default)]
+
+
+async def serve(config: TokenizerConfig) -> None:
+    from infermesh.tokenizer.models import ModelRegistry, ModelTokenizer, parse_model_spec
+    from infermesh.tokenizer.service import TokenizerService
+    from infermesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    models = []
+    for spec in model_specs(config):
+        name, path = parse_model_spec(spec)
+        models.append(ModelTokenizer.load(name, Path(path), config.max_model_len))
+        logger.info("loaded tokenizer for %s (context %d)", name, models[-1].max_model_len)
+    service = TokenizerService(ModelRegistry(models), workers=config.threads)
+    name = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+    server = GrpcServer("tokenizer", config, [(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, service, name)])
+    await server.serve()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_argv(TokenizerConfig, "infermesh tokenizer", argv,
+                              "Chat templates and tokenization over gRPC.")
+    configure_logging("tokenizer", config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0

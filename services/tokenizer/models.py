@@ -1,0 +1,164 @@
+"""Tokenizers loaded from Hugging Face model directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from infermesh.common.errors import InvalidRequest, NotFound
+from infermesh.tokenizer.chat_template import ChatTemplate
+
+logger = logging.getLogger(__name__)
+
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                 "mask_token")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+def parse_model_spec(spec: str) -> tuple[str, Path]:
+    """`NAME=DIR` or `DIR` (named after the directory)."""
+    if "=" in spec:
+        name, _, path = spec.partition("=")
+        return name.strip(), Path(path).expanduser()
+    path = Path(spec).expanduser()
+    return path.name, path
+
+
+@dataclass
+class ModelTokenizer:
+    """One model's tokenizer, chat template and context window."""
+
+    name: str
+    path: Path
+    tokenizer: Tokenizer
+    tokenizer_json: bytes
+    max_model_len: int
+    chat_template: ChatTemplate | None
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tokenizer_json).hexdigest()
+
+    @classmethod
+    def load(cls, name: str, path: Path, max_model_len: int = 0) -> ModelTokenizer:
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json (not a Hugging Face model directory?)")
+        raw = (path / "tokenizer.json").read_bytes()
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+        config = _read_json(path / "config.json")
+        tok_config = _read_json(path / "tokenizer_config.json")
+        special = {k: t for k in _SPECIAL_KEYS if (t := _token_text(tok_config.get(k))) is not None}
+        extra = tok_config.get("additional_special_tokens") or tok_config.get("extra_special_tokens")
+        if isinstance(extra, list):
+            special["additional_special_tokens"] = [t for x in extra if (t := _token_text(x))]
+        template_src = None
+        if (path / "chat_template.jinja").is_file():
+            template_src = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        elif isinstance(tok_config.get("chat_template"), str):
+            template_src = tok_config["chat_template"]
+        window = int(config.get("max_position_embeddings") or config.get("n_positions") or 0)
+        if max_model_len:
+            window = min(window, max_model_len) if window else max_model_len
+        if window <= 0:
+            raise ValueError(f"{path}: cannot tell the context window; pass --max-model-len")
+        eos = _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
+        eos += [i for i in _ids(config.get("eos_token_id")) if i not in eos]
+        eos_text = special.get("eos_token")
+        if eos_text is not None and (tid := tokenizer.token_to_id(eos_text)) is not None and tid not in eos:
+            eos.append(tid)
+        bos_text = special.get("bos_token")
+        bos_id = tokenizer.token_to_id(bos_text) if bos_text else None
+        return cls(name=name, path=path, tokenizer=tokenizer, tokenizer_json=raw,
+                   max_model_len=window,
+                   chat_template=ChatTemplate(template_src, special) if template_src else None,
+                   eos_token_ids=eos, bos_token_id=bos_id)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+        for i, message in enumerate(messages):
+            role = message.get("role")
+            if role not in ROLES:
+                raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}, "
+                                     f"got {role!r}", param=f"messages[{i}].role")
+        if self.chat_template is None:
+            raise InvalidRequest(f"the model {self.name} has no chat template; send a prompt instead",
+                                 param="messages")
+        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+    def decode_batch(self, items: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        for i, ids in enumerate(items):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise InvalidRequest(f"items[{i}]: token id {bad} is outside the vocabulary (size {vocab})",
+                                     param="items")
+        return self.tokenizer.decode_batch(items, skip_special_tokens=skip_special_tokens)
+
+    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The output budget; InvalidRequest when the prompt plus max_tokens does not fit."""
+        window = self.max_model_len
+        if max_tokens is not None:
+            if prompt_tokens + max_tokens > window:
+                raise InvalidRequest(
+                    f"This model's maximum context length is {window} tokens. However, you requested "
+                    f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
+                    f"the completion). Please reduce the length of the prompt or max_tokens.",
+                    param="max_tokens" if prompt_tokens < window else "messages")
+            return max_tokens
+        if prompt_tokens >= window:
+            raise InvalidRequest(
+                f"This model's maximum context length is {window} tokens. However, the prompt has "
+                f"{prompt_tokens} tokens. Please reduce the length of the prompt.", param="messages")
+        return window - prompt_tokens
+
+
+class ModelRegistry:
+    """The models a tokenizer process serves, by name."""
+
+    def __init__(self, models: list[ModelTokenizer]) -> None:
+        self.models = {m.name: m for m in models}
+
+    def get(self, name: str) -> ModelTokenizer:
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise NotFound(f"The model {name!r} does not exist (served: {known}).", param="model")
+        return model

@@ -1,0 +1,103 @@
+"""The Tokenizer gRPC servicer: decodes requests, calls ModelTokenizer, encodes replies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from prometheus_client import Counter, Histogram
+
+from infermesh.common.errors import InvalidRequest
+from infermesh.common.metrics import LATENCY_BUCKETS, observe_call
+from infermesh.tokenizer.models import ModelRegistry, ModelTokenizer
+from infermesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REQUESTS = Counter("infermesh_tokenizer_requests_total", "Tokenizer calls by method and gRPC code.",
+                   ["method", "code"])
+SECONDS = Histogram("infermesh_tokenizer_request_seconds", "Tokenizer call latency.", ["method"],
+                    buckets=LATENCY_BUCKETS)
+TOKENS = Counter("infermesh_tokenizer_tokens_total", "Prompt tokens rendered.", ["model"])
+
+
+class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
+    """Tokenization runs in a thread pool so the event loop never blocks on it."""
+
+    def __init__(self, registry: ModelRegistry, workers: int = 4) -> None:
+        self.registry = registry
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
+        self.created = int(time.time())
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _model(self, name: str) -> ModelTokenizer:
+        if not name:
+            raise InvalidRequest("model is required", param="model")
+        return self.registry.get(name)
+
+    async def Render(self, request: tokenizer_pb2.RenderRequest, context: Any) -> tokenizer_pb2.RenderResponse:
+        with observe_call(REQUESTS, SECONDS, "Render"):
+            model = self._model(request.model)
+            has_prompt = request.HasField("prompt")
+            if has_prompt and request.messages:
+                raise InvalidRequest("send either messages or prompt, not both", param="messages")
+            if has_prompt:
+                add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+                ids = await self._run(model.encode, request.prompt, add_special)
+                if not ids:
+                    raise InvalidRequest("prompt must not be empty", param="prompt")
+            else:
+                if not request.messages:
+                    raise InvalidRequest("messages must not be empty", param="messages")
+                messages = [_message_dict(m) for m in request.messages]
+                add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+                ids = await self._run(model.render_chat, messages, add_gen)
+            max_tokens = model.check_length(
+                len(ids), request.max_tokens if request.HasField("max_tokens") else None)
+            TOKENS.labels(model=model.name).inc(len(ids))
+            return tokenizer_pb2.RenderResponse(token_ids=ids, max_tokens=max_tokens,
+                                                max_model_len=model.max_model_len)
+
+    async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: Any) -> tokenizer_pb2.EncodeResponse:
+        with observe_call(REQUESTS, SECONDS, "Encode"):
+            model = self._model(request.model)
+            items = await self._run(model.encode_batch, list(request.texts), request.add_special_tokens)
+            return tokenizer_pb2.EncodeResponse(items=[common_pb2.TokenIds(ids=ids) for ids in items])
+
+    async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: Any) -> tokenizer_pb2.DecodeResponse:
+        with observe_call(REQUESTS, SECONDS, "Decode"):
+            model = self._model(request.model)
+            items = [list(item.ids) for item in request.items]
+            texts = await self._run(model.decode_batch, items, request.skip_special_tokens)
+            return tokenizer_pb2.DecodeResponse(texts=texts)
+
+    async def GetTokenizer(self, request: tokenizer_pb2.GetTokenizerRequest,
+                           context: Any) -> tokenizer_pb2.TokenizerDefinition:
+        with observe_call(REQUESTS, SECONDS, "GetTokenizer"):
+            model = self._model(request.model)
+            definition = tokenizer_pb2.TokenizerDefinition(
+                model=model.name, tokenizer_json=model.tokenizer_json, eos_token_ids=model.eos_token_ids,
+                max_model_len=model.max_model_len, sha256=model.sha256)
+            if model.bos_token_id is not None:
+                definition.bos_token_id = model.bos_token_id
+            return definition
+
+    async def ListModels(self, request: common_pb2.ListModelsRequest, context: Any) -> common_pb2.ListModelsResponse:
+        with observe_call(REQUESTS, SECONDS, "ListModels"):
+            return common_pb2.ListModelsResponse(models=[
+                common_pb2.ModelCard(id=m.name, max_model_len=m.max_model_len, owned_by="infermesh",
+                                     created=self.created)
+                for m in self.registry.models.values()])
+
+
+def _message_dict(message: common_pb2.ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.HasField("name"):
+        out["name"] = message.name
+    return out
