@@ -33,3 +33,7 @@ def tokenizer_proc(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     proc.start().wait_healthy(timeout=60)
     yield proc
     proc.stop()
+
+
+# Fixture modules, one per area, so that each can grow without touching this file.
+pytest_plugins = ["tests.fixtures.worker", "tests.fixtures.scheduler", "tests.fixtures.mesh"]
