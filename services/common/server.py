@@ -52,6 +52,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
         logger.exception("unhandled error in %s", method, exc_info=exc)
     elif code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         logger.error("%s failed: %s", method, details)
+    else:
+        # Messages name parameters and sizes, never prompt text.
+        logger.info("%s -> %s: %s", method, code.name, details)
     if trailers:
         context.set_trailing_metadata(trailers)
     await context.abort(code, details)

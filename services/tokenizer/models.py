@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,33 @@ logger = logging.getLogger(__name__)
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
                  "mask_token")
+
+
+# Long texts are encoded in chunks, in parallel (the `tokenizers` batch API uses
+# every core), when that provably gives the same ids: for a byte-level BPE with
+# the GPT-2 split regex and no normalizer, every position between a non-space
+# character and " <non-space>" is already a boundary of the pre-tokenizer, and
+# BPE never merges across such boundaries.
+_CHUNK_CHARS = 1024
+_SAFE_SPLIT = re.compile(r"(?<=\S)(?= \S)")
+
+
+def _chunk_safe(definition: dict[str, Any]) -> bool:
+    pre = definition.get("pre_tokenizer") or {}
+    return (definition.get("normalizer") is None and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+
+
+def _chunks(text: str) -> list[str]:
+    out, start = [], 0
+    while len(text) - start > _CHUNK_CHARS:
+        match = _SAFE_SPLIT.search(text, start + _CHUNK_CHARS)
+        if match is None:
+            break
+        out.append(text[start:match.start()])
+        start = match.start()
+    out.append(text[start:])
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -64,6 +92,7 @@ class ModelTokenizer:
     chat_template: ChatTemplate | None
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    chunked: bool = False
 
     @property
     def sha256(self) -> str:
@@ -101,7 +130,8 @@ class ModelTokenizer:
         return cls(name=name, path=path, tokenizer=tokenizer, tokenizer_json=raw,
                    max_model_len=window,
                    chat_template=ChatTemplate(template_src, special) if template_src else None,
-                   eos_token_ids=eos, bos_token_id=bos_id)
+                   eos_token_ids=eos, bos_token_id=bos_id,
+                   chunked=_chunk_safe(json.loads(raw)))
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
@@ -118,6 +148,9 @@ class ModelTokenizer:
         return self.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self.chunked and not add_special_tokens and len(text) > 2 * _CHUNK_CHARS:
+            encoded = self.tokenizer.encode_batch_fast(_chunks(text), add_special_tokens=False)
+            return [i for e in encoded for i in e.ids]
         return self.tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
