@@ -22,7 +22,7 @@ class TokenizerConfig(ServiceConfig):
     model: list[str] = option(factory=list, help="Model directory, or NAME=DIR; repeat for several "
                               "(default: the prepared default model).")
     max_model_len: int = option(0, "Cap on the context window (0: the model's own).")
-    threads: int = option(4, "Threads that render and encode.")
+    threads: int = option(8, "Threads that render and encode (long prompts also use every core inside `tokenizers`).")
 
     def validate(self) -> list[str]:
         problems = super().validate()

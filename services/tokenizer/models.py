@@ -133,7 +133,8 @@ class ModelTokenizer:
                    eos_token_ids=eos, bos_token_id=bos_id,
                    chunked=_chunk_safe(json.loads(raw)))
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    parallel: bool = True) -> list[int]:
         if not messages:
             raise InvalidRequest("messages must not be empty", param="messages")
         for i, message in enumerate(messages):
@@ -145,10 +146,11 @@ class ModelTokenizer:
             raise InvalidRequest(f"the model {self.name} has no chat template; send a prompt instead",
                                  param="messages")
         text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False, parallel=parallel)
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self.chunked and not add_special_tokens and len(text) > 2 * _CHUNK_CHARS:
+    def encode(self, text: str, add_special_tokens: bool, parallel: bool = True) -> list[int]:
+        """Token ids of `text`; `parallel` allows spreading one long text over every core."""
+        if parallel and self.chunked and not add_special_tokens and len(text) > 2 * _CHUNK_CHARS:
             encoded = self.tokenizer.encode_batch_fast(_chunks(text), add_special_tokens=False)
             return [i for e in encoded for i in e.ids]
         return self.tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
@@ -28,13 +29,24 @@ TOKENS = Counter("infermesh_tokenizer_tokens_total", "Prompt tokens rendered.", 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     """Tokenization runs in a thread pool so the event loop never blocks on it."""
 
-    def __init__(self, registry: ModelRegistry, workers: int = 4) -> None:
+    def __init__(self, registry: ModelRegistry, workers: int = 8) -> None:
         self.registry = registry
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
         self.created = int(time.time())
+        self.cores = os.cpu_count() or 1
+        self.in_flight = 0
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.in_flight -= 1
+
+    @property
+    def idle_cores(self) -> bool:
+        """Whether one request may spread over several cores (no one else needs them)."""
+        return self.in_flight < self.cores
 
     def _model(self, name: str) -> ModelTokenizer:
         if not name:
@@ -49,7 +61,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 raise InvalidRequest("send either messages or prompt, not both", param="messages")
             if has_prompt:
                 add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-                ids = await self._run(model.encode, request.prompt, add_special)
+                ids = await self._run(model.encode, request.prompt, add_special, self.idle_cores)
                 if not ids:
                     raise InvalidRequest("prompt must not be empty", param="prompt")
             else:
@@ -57,7 +69,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                     raise InvalidRequest("messages must not be empty", param="messages")
                 messages = [_message_dict(m) for m in request.messages]
                 add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-                ids = await self._run(model.render_chat, messages, add_gen)
+                ids = await self._run(model.render_chat, messages, add_gen, self.idle_cores)
             max_tokens = model.check_length(
                 len(ids), request.max_tokens if request.HasField("max_tokens") else None)
             TOKENS.labels(model=model.name).inc(len(ids))
