@@ -10,6 +10,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("infermesh.common.prepare_cli", "Prepare the default model (idempotent)."),
     "tokenizer": ("infermesh.tokenizer.main", "Run the tokenizer service."),
+    "scheduler": ("infermesh.scheduler.main", "Run the scheduler service (admission and routing)."),
+    "worker": ("infermesh.gpu_worker.main", "Run a GPU worker (vLLM engine, or --engine sim)."),
 }
 
 

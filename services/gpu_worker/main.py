@@ -1,0 +1,163 @@
+"""`infermesh worker`: one engine serving one model over gRPC.
+
+Defaults, and why (measured for the best throughput on a small CPU machine; a
+GPU host gets vLLM's own GPU defaults where ours say "auto"):
+
+- `--engine vllm` always; `sim` only when asked (its output is not a model's).
+- `--model`: the prepared default model; the model's name is its directory's
+  name (the tokenizer service names it the same way), or NAME=DIR.
+- `--max-num-seqs 0` (auto): 64 on CPUs, where batches beyond that add no
+  tokens/s on a few cores and only stretch inter-token latency; vLLM's 256 on
+  GPUs; 256 for the simulated engine.
+- `--kv-cache-gb 0` (auto): 4 GiB on CPUs (VLLM_CPU_KVCACHE_SPACE), which holds
+  ~180k tokens of the default model, enough for the admitted batch; on GPUs
+  vLLM's memory utilization (0.9). A value sets the KV cache size exactly.
+- `--enforce-eager` off: compiled graphs run faster but start slower (minutes
+  on CPUs); tests turn it on to start in under a minute.
+- `--dtype auto` (the model's own, bf16 for the default model),
+  `--tensor-parallel-size 1`, `--max-model-len 0` (the model's context window).
+- The simulated engine: 50 ms to the first token plus 0.02 ms per uncached
+  prompt token, 20 ms between tokens, 1M KV tokens, blocks of 16.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+from infermesh.common.config import ServiceConfig, config_from_argv, option
+from infermesh.common.logs import configure_logging
+from infermesh.common.server import GrpcServer
+from infermesh.gpu_worker.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WorkerConfig(ServiceConfig):
+    port: int = option(50060, "gRPC port.")
+    metrics_port: int = option(9110, "Port of the Prometheus /metrics endpoint (0: none).")
+    engine: str = option("vllm", "The engine: vllm, or sim (simulated, for tests at scale).",
+                         choices=("vllm", "sim"))
+    model: str = option("", "Model directory, or NAME=DIR (default: the prepared default model).")
+    worker_id: str = option("", "This worker's id in load reports (default: host:port).")
+    max_model_len: int = option(0, "Context window cap (0: the model's own).")
+    max_num_seqs: int = option(0, "Most sequences at once (0: 64 on CPUs, 256 on GPUs and for sim).")
+    kv_cache_gb: float = option(0.0, "KV cache size in GiB (0: 4 on CPUs, vLLM's GPU memory utilization on GPUs).")
+    enforce_eager: bool = option(False, "Run eagerly (no compiled graphs): faster start, slower steps.")
+    dtype: str = option("auto", "Weights' dtype (auto: the model's own).")
+    tensor_parallel_size: int = option(1, "GPUs per worker (tensor parallelism).")
+    block_size: int = option(0, "KV block size in tokens (0: the engine's default; 16 for sim).")
+    sim_ttft_ms: float = option(50.0, "sim: time to first token in ms (plus the per-prompt-token cost).")
+    sim_prompt_token_ms: float = option(0.02, "sim: prefill cost per uncached prompt token in ms.")
+    sim_itl_ms: float = option(20.0, "sim: inter-token latency in ms.")
+    sim_kv_capacity_tokens: int = option(1_048_576, "sim: KV cache capacity in tokens.")
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        for name in ("max_model_len", "max_num_seqs", "block_size", "sim_kv_capacity_tokens"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        for name in ("kv_cache_gb", "sim_ttft_ms", "sim_prompt_token_ms", "sim_itl_ms"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if self.tensor_parallel_size < 1:
+            problems.append("tensor_parallel_size must be >= 1")
+        if self.model:
+            _, path = parse_model(self.model)
+            if self.engine == "vllm" and not (path / "config.json").is_file():
+                problems.append(f"model {self.model!r}: {path} is not a model directory (no config.json)")
+        return problems
+
+
+def parse_model(spec: str) -> tuple[str, Path]:
+    """`NAME=DIR` or `DIR` (named after the directory)."""
+    if "=" in spec:
+        name, _, path = spec.partition("=")
+        return name.strip(), Path(path).expanduser()
+    path = Path(spec).expanduser()
+    return path.name, path
+
+
+def model_spec(config: WorkerConfig) -> tuple[str, Path]:
+    if config.model:
+        return parse_model(config.model)
+    from infermesh.common.model_prep import default_model_dir, is_complete
+
+    default = default_model_dir()
+    if not is_complete(default):
+        raise SystemExit(f"infermesh worker: the default model is not prepared ({default}); "
+                         "run `infermesh prepare-model` or pass --model DIR")
+    return default.name, default
+
+
+def build_engine(config: WorkerConfig) -> Engine:
+    name, path = model_spec(config)
+    if config.engine == "sim":
+        from infermesh.gpu_worker.sim_engine import SimEngine, SimOptions
+
+        options = SimOptions(ttft_ms=config.sim_ttft_ms, prompt_token_ms=config.sim_prompt_token_ms,
+                             itl_ms=config.sim_itl_ms, max_num_seqs=config.max_num_seqs or 256,
+                             kv_capacity_tokens=config.sim_kv_capacity_tokens,
+                             block_size=config.block_size or 16, max_model_len=config.max_model_len)
+        return SimEngine(name, path if path.is_dir() else None, options)
+    from infermesh.gpu_worker.vllm_engine import VllmEngine, VllmOptions
+
+    return VllmEngine(name, path, VllmOptions(
+        max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, kv_cache_gb=config.kv_cache_gb,
+        enforce_eager=config.enforce_eager, dtype=config.dtype,
+        tensor_parallel_size=config.tensor_parallel_size, block_size=config.block_size))
+
+
+async def serve(config: WorkerConfig) -> int:
+    from infermesh.gpu_worker.service import WorkerService
+    from infermesh.v1 import worker_pb2, worker_pb2_grpc
+
+    engine = build_engine(config)
+    worker_id = config.worker_id or f"{socket.gethostname()}:{config.port}"
+    service = WorkerService(engine, worker_id)
+    full_name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+    server = GrpcServer("worker", config, [(worker_pb2_grpc.add_WorkerServicer_to_server, service, full_name)],
+                        on_drain=service.drain)
+    failed = False
+
+    async def watch_engine() -> None:
+        nonlocal failed
+        while engine.healthy():
+            await asyncio.sleep(0.5)
+        failed = True
+        logger.error("the engine has failed; the worker stops")
+        await server.set_serving(False)
+        server.request_stop()
+
+    async def ready() -> None:
+        await engine.start()
+        service.engine_started()
+        asyncio.create_task(watch_engine())
+        info = engine.info
+        logger.info("engine %s ready: model %s, context %d, %d seqs, %d KV tokens", info.engine, info.model,
+                    info.max_model_len, info.max_num_seqs, info.kv_capacity_tokens)
+
+    try:
+        await server.serve(ready=ready)
+    finally:
+        await engine.shutdown()
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_argv(WorkerConfig, "infermesh worker", argv,
+                              "A GPU worker: one engine (vLLM or simulated) streaming tokens over gRPC.")
+    configure_logging("worker", config.log_level, config.log_format)
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    except Exception:
+        logger.exception("the worker failed")
+        return 1

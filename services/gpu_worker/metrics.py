@@ -1,0 +1,75 @@
+"""The worker's Prometheus metrics, under vLLM's own names and labels.
+
+Dashboards, KEDA rules and the Gateway API Inference Extension written for
+`vllm serve` read these unchanged. Both engines export the same series from
+this module (vLLM's own Prometheus logger is turned off, so nothing clashes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from infermesh.gpu_worker.engine import Delta, EngineLoad
+from prometheus_client import Counter, Gauge, Histogram
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+RUNNING = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", ["model_name"])
+WAITING = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", ["model_name"])
+KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", ["model_name"])
+PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", ["model_name"])
+GENERATION_TOKENS = Counter("vllm:generation_tokens", "Number of generation tokens processed.", ["model_name"])
+TTFT = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                 ["model_name"], buckets=_TTFT_BUCKETS)
+ITL = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                ["model_name"], buckets=_ITL_BUCKETS)
+E2E = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                ["model_name"], buckets=_E2E_BUCKETS)
+SUCCESS = Counter("vllm:request_success", "Count of successfully processed requests.",
+                  ["model_name", "finished_reason"])
+PREFIX_HIT_RATE = Gauge("infermesh_worker_prefix_cache_hit_rate", "Prefix-cache hit rate over recent requests.",
+                        ["model_name"])
+REFUSED = Counter("infermesh_worker_refused_total", "Generate calls refused, by gRPC code.", ["model_name", "code"])
+
+
+def export_load(model: str, load: Callable[[], EngineLoad]) -> None:
+    """Gauges read the engine's load at scrape time."""
+    RUNNING.labels(model_name=model).set_function(lambda: load().running)
+    WAITING.labels(model_name=model).set_function(lambda: load().waiting)
+    KV_USAGE.labels(model_name=model).set_function(lambda: load().kv_cache_usage)
+    PREFIX_HIT_RATE.labels(model_name=model).set_function(lambda: load().prefix_cache_hit_rate)
+
+
+class RequestMetrics:
+    """Timings and counts of one request, fed with each delta it streams."""
+
+    def __init__(self, model: str, prompt_tokens: int) -> None:
+        self.model = model
+        self.started = time.perf_counter()
+        self.last: float | None = None
+        PROMPT_TOKENS.labels(model_name=model).inc(prompt_tokens)
+
+    def on_delta(self, delta: Delta) -> None:
+        count = len(delta.token_ids)
+        if not count:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            TTFT.labels(model_name=self.model).observe(now - self.started)
+        else:
+            gap = (now - self.last) / count
+            itl = ITL.labels(model_name=self.model)
+            for _ in range(count):
+                itl.observe(gap)
+        self.last = now
+        GENERATION_TOKENS.labels(model_name=self.model).inc(len(delta.token_ids))
+
+    def on_finish(self, finish_reason: str) -> None:
+        E2E.labels(model_name=self.model).observe(time.perf_counter() - self.started)
+        SUCCESS.labels(model_name=self.model, finished_reason=finish_reason).inc()

@@ -1,0 +1,155 @@
+"""The Worker gRPC servicer: validates, admits, streams engine deltas, reports load."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from infermesh.common.context import current_request_id
+from infermesh.common.errors import EngineDead, InfermeshError, NotFound, Unavailable
+from infermesh.gpu_worker import metrics
+from infermesh.gpu_worker.engine import Delta, Engine
+from infermesh.gpu_worker.load import LoadTracker
+from infermesh.gpu_worker.validation import build_request
+from infermesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_MS = 100
+MIN_INTERVAL_MS = 10
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: Engine, worker_id: str) -> None:
+        self.engine = engine
+        self.info = engine.info
+        self.worker_id = worker_id
+        self.tracker = LoadTracker(self.info.max_num_seqs, self.info.kv_capacity_tokens)
+        self.ready = False
+        metrics.export_load(self.info.model, engine.load)
+
+    def engine_started(self) -> None:
+        """The engine knows its capacity only once it has started."""
+        self.info = self.engine.info
+        self.tracker.max_num_seqs = self.info.max_num_seqs
+        self.tracker.kv_capacity_tokens = self.info.kv_capacity_tokens
+        self.ready = True
+
+    def _refuse(self, exc: InfermeshError) -> InfermeshError:
+        metrics.REFUSED.labels(model_name=self.info.model, code=exc.code.name).inc()
+        return exc
+
+    async def Generate(self, request: worker_pb2.GenerateTokensRequest,
+                       context: Any) -> AsyncIterator[worker_pb2.GenerateTokensResponse]:
+        if self.tracker.draining:
+            raise self._refuse(Unavailable("worker is draining; send the request elsewhere"))
+        if not self.ready:
+            raise self._refuse(Unavailable("the engine is starting"))
+        if not self.engine.healthy():
+            raise self._refuse(EngineDead("the engine has failed"))
+        if request.model and request.model != self.info.model:
+            raise self._refuse(NotFound(f"The model {request.model!r} does not exist (served: {self.info.model}).",
+                                        param="model"))
+        caller_id = request.context.request_id or current_request_id()
+        req = build_request(request, self.info, f"{caller_id}-{uuid.uuid4().hex[:8]}")
+        try:
+            held = self.tracker.hold(req, caller_id, request.lease_id)
+        except InfermeshError as exc:
+            raise self._refuse(exc) from None
+        # However the call ends (a client that goes away included), the lease ends and the engine
+        # stops at once, even before this generator is closed.
+        context.add_done_callback(lambda _: self._ended(held.key))
+        prompt_tokens = len(request.prompt_ids)
+        observed = metrics.RequestMetrics(self.info.model, prompt_tokens)
+        finish = "abort"
+        stream = self.engine.generate(req)
+        try:
+            async for delta in stream:
+                observed.on_delta(delta)
+                if delta.finish_reason:
+                    finish = delta.finish_reason
+                yield _to_proto(delta, prompt_tokens)
+        finally:
+            await stream.aclose()
+            self.tracker.release(held)
+            observed.on_finish(finish)
+
+    def _ended(self, key: str) -> None:
+        held = self.tracker.held.get(key)
+        if held is not None:
+            self.tracker.release(held)
+            asyncio.ensure_future(self.engine.abort(key))
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: Any) -> worker_pb2.AbortResponse:
+        found = False
+        for key in self.tracker.keys_for(request.request_id):
+            found = await self.engine.abort(key) or found
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Info(self, request: worker_pb2.InfoRequest, context: Any) -> worker_pb2.WorkerInfo:
+        i = self.info
+        return worker_pb2.WorkerInfo(worker_id=self.worker_id, model=i.model, max_model_len=i.max_model_len,
+                                     engine=i.engine, simulated=i.simulated, max_num_seqs=i.max_num_seqs,
+                                     kv_capacity_tokens=i.kv_capacity_tokens, block_size=i.block_size,
+                                     version=i.version)
+
+    def report(self, started: list[str], finished: list[str]) -> worker_pb2.LoadReport:
+        load = self.engine.load()
+        t = self.tracker
+        return worker_pb2.LoadReport(
+            worker_id=self.worker_id, model=self.info.model, seq=next(t.seq), running=load.running,
+            waiting=load.waiting, kv_cache_usage=load.kv_cache_usage,
+            kv_capacity_tokens=self.info.kv_capacity_tokens, max_num_seqs=self.info.max_num_seqs,
+            committed_tokens=t.committed_tokens, prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+            draining=t.draining, leases_started=started, leases_finished=finished,
+            leases_active=t.leases_active(), max_model_len=self.info.max_model_len)
+
+    async def WatchLoad(self, request: worker_pb2.WatchLoadRequest,
+                        context: Any) -> AsyncIterator[worker_pb2.LoadReport]:
+        interval = max(MIN_INTERVAL_MS, request.interval_ms or DEFAULT_INTERVAL_MS) / 1000
+        watcher = self.tracker.watch()
+        logger.info("load watcher %r connected", request.watcher)
+        try:
+            while True:
+                started, finished = watcher.started, watcher.finished
+                watcher.started, watcher.finished = [], []
+                watcher.wake.clear()
+                yield self.report(started, finished)
+                if self.tracker.closing:
+                    return
+                try:
+                    await asyncio.wait_for(watcher.wake.wait(), timeout=interval)
+                except TimeoutError:
+                    pass
+        finally:
+            self.tracker.unwatch(watcher)
+            logger.info("load watcher %r gone", request.watcher)
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new work, report draining, wait for in-flight streams, end load streams."""
+        self.tracker.draining = True
+        self.tracker.wake_all()
+        logger.info("draining: %d requests in flight", len(self.tracker.held))
+        try:
+            await self.tracker.wait_idle()
+        finally:
+            self.tracker.closing = True
+            self.tracker.wake_all()
+
+
+def _to_proto(delta: Delta, prompt_tokens: int) -> worker_pb2.GenerateTokensResponse:
+    msg = worker_pb2.GenerateTokensResponse(index=delta.index, token_ids=delta.token_ids,
+                                            finish_reason=delta.finish_reason or "",
+                                            prompt_tokens=prompt_tokens,
+                                            cached_tokens=min(delta.cached_tokens, prompt_tokens))
+    if delta.stop_token_id is not None:
+        msg.stop_token_id = delta.stop_token_id
+    if delta.logprobs:
+        msg.logprobs.extend(
+            common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                    top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+            for lp in delta.logprobs)
+    return msg

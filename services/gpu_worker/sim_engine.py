@@ -1,0 +1,216 @@
+"""The simulated engine: a model's timing and capacity without a model.
+
+For load, routing and failure tests of the mesh at scales no CPU can run a
+model at. It is never the default and always says it is simulated.
+
+- Time to first token: `ttft_ms` plus `prompt_token_ms` for every prompt token
+  not found in the modelled prefix cache; then one token every `itl_ms`. Tokens
+  that fall due while the consumer is slow are sent together in one delta, so
+  a busy process keeps its token rate.
+- At most `max_num_seqs` sequences run; more wait. The KV usage is the running
+  sequences' tokens over `kv_capacity_tokens`.
+- Output is a deterministic function of (seed, original prompt, position):
+  greedy and seeded requests repeat exactly, and a resumed request continues
+  exactly where the first one stopped. The ids are ordinary words of the served
+  model's vocabulary (read from `tokenizer.json` when a model directory is
+  given), so they detokenize as text. It never emits EOS; `stop_token_ids` end
+  a choice as they would on a real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from infermesh.gpu_worker.engine import (
+    Delta,
+    Engine,
+    EngineInfo,
+    EngineLoad,
+    GenerateRequest,
+    TokenLogprobs,
+)
+from infermesh.gpu_worker.prefix_cache import PrefixCache
+
+logger = logging.getLogger(__name__)
+
+_WORD = re.compile(r"^[\u0120\u2581][a-z]{2,9}$")  # "Ġword" (byte-level BPE) or "▁word" (sentencepiece)
+_PUNCT = (".", ",")
+
+
+@dataclass
+class SimOptions:
+    ttft_ms: float = 50.0
+    prompt_token_ms: float = 0.02
+    itl_ms: float = 20.0
+    max_num_seqs: int = 256
+    kv_capacity_tokens: int = 1_048_576
+    block_size: int = 16
+    max_model_len: int = 0  # 0: the model's own (or 8192 without a model directory)
+
+
+@dataclass
+class SimVocab:
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    words: list[int]
+
+
+def read_vocab(model_dir: Path | None) -> SimVocab:
+    """Vocabulary size, context window, EOS ids and plain-word ids of a model directory."""
+    if model_dir is None or not (model_dir / "tokenizer.json").is_file():
+        return SimVocab(32_000, 8192, [2], list(range(1000, 9000)))
+    tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab: dict[str, int] = tok.get("model", {}).get("vocab", {}) or {}
+    if isinstance(vocab, list):  # unigram models: [[piece, score], ...]
+        vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
+    special = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
+    words = sorted(i for piece, i in vocab.items() if _WORD.match(piece) and i not in special)
+    words += [vocab[p] for p in _PUNCT if p in vocab]
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    size = max(int(config.get("vocab_size") or 0), max(vocab.values(), default=0) + 1)
+    eos = config.get("eos_token_id", [])
+    eos_ids = [eos] if isinstance(eos, int) else [e for e in eos if isinstance(e, int)]
+    window = int(config.get("max_position_embeddings") or 8192)
+    return SimVocab(size, window, eos_ids, words or list(range(min(1000, size), size)))
+
+
+class _Seq:
+    __slots__ = ("aborted", "request", "tokens")
+
+    def __init__(self, request: GenerateRequest) -> None:
+        self.request = request
+        self.aborted = False
+        self.tokens = len(request.prompt_ids)
+
+
+class SimEngine(Engine):
+    def __init__(self, model: str, model_dir: Path | None, options: SimOptions) -> None:
+        self.options = options
+        self.vocab = read_vocab(model_dir)
+        window = options.max_model_len or self.vocab.max_model_len
+        self.info = EngineInfo(engine="sim", model=model, max_model_len=window,
+                               vocab_size=self.vocab.vocab_size, max_num_seqs=options.max_num_seqs,
+                               kv_capacity_tokens=options.kv_capacity_tokens,
+                               block_size=options.block_size, eos_token_ids=self.vocab.eos_token_ids,
+                               simulated=True, version="sim")
+        self.cache = PrefixCache(options.kv_capacity_tokens // options.block_size, options.block_size)
+        self._seqs: dict[str, _Seq] = {}
+        self._running = 0
+        self._waiting = 0
+        self._slot_freed = asyncio.Condition()
+
+    async def start(self) -> None:
+        logger.info("simulated engine: ttft %.0f ms + %.3f ms/prompt token, itl %.0f ms, %d seqs, "
+                    "%d KV tokens", self.options.ttft_ms, self.options.prompt_token_ms,
+                    self.options.itl_ms, self.options.max_num_seqs, self.options.kv_capacity_tokens)
+
+    def healthy(self) -> bool:
+        return True
+
+    def load(self) -> EngineLoad:
+        used = sum(s.tokens * s.request.n for s in self._seqs.values() if not s.aborted)
+        cap = self.options.kv_capacity_tokens
+        return EngineLoad(running=self._running, waiting=self._waiting,
+                          kv_cache_usage=min(1.0, used / cap) if cap else 0.0,
+                          prefix_cache_hit_rate=self.cache.hit_rate())
+
+    async def abort(self, request_id: str) -> bool:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        seq.aborted = True
+        return True
+
+    async def _admit(self, n: int) -> None:
+        self._waiting += n
+        try:
+            async with self._slot_freed:
+                await self._slot_freed.wait_for(lambda: self._running + n <= self.options.max_num_seqs
+                                                or self._running == 0)
+                self._running += n
+        finally:
+            self._waiting -= n
+
+    async def _release(self, n: int) -> None:
+        self._running -= n
+        async with self._slot_freed:
+            self._slot_freed.notify_all()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        seq = _Seq(request)
+        self._seqs[request.request_id] = seq
+        admitted = False
+        try:
+            await self._admit(request.n)
+            admitted = True
+            async for delta in self._run(seq):
+                yield delta
+        finally:
+            self._seqs.pop(request.request_id, None)
+            if admitted:
+                await self._release(request.n)
+
+    async def _run(self, seq: _Seq) -> AsyncIterator[Delta]:
+        req = seq.request
+        loop = asyncio.get_running_loop()
+        cached = self.cache.lookup_and_insert(req.prompt_ids)
+        prefill = (self.options.ttft_ms + self.options.prompt_token_ms * (len(req.prompt_ids) - cached)) / 1000
+        itl = self.options.itl_ms / 1000
+        first_at = loop.time() + prefill
+        original = req.prompt_ids[:len(req.prompt_ids) - req.resumed_tokens]
+        salt = req.seed if (req.seed is not None or req.temperature == 0) else random.getrandbits(63)
+        bases = [hash((salt or 0, hash(tuple(original)), i)) for i in range(req.n)]
+        open_choices = list(range(req.n))
+        emitted = 0
+        while open_choices:
+            due_at = first_at + emitted * itl
+            delay = due_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if seq.aborted:
+                for i in open_choices:
+                    yield Delta(index=i, token_ids=[], finish_reason="abort", cached_tokens=cached)
+                return
+            due = min(req.max_tokens, int((loop.time() - first_at) / itl) + 1) if itl > 0 else req.max_tokens
+            due = max(due, emitted + 1)
+            for i in list(open_choices):
+                delta = self._tokens(req, bases[i], i, emitted, due)
+                delta.cached_tokens = cached
+                if delta.finish_reason is not None:
+                    open_choices.remove(i)
+                yield delta
+            seq.tokens = len(req.prompt_ids) + due
+            emitted = due
+
+    def _tokens(self, req: GenerateRequest, base: int, index: int, start: int, end: int) -> Delta:
+        words = self.vocab.words
+        ids: list[int] = []
+        logprobs: list[TokenLogprobs] | None = [] if req.logprobs is not None else None
+        finish: str | None = None
+        stop_id: int | None = None
+        for pos in range(start, end):
+            h = hash((base, req.resumed_tokens + pos)) & 0xFFFFFFFF
+            tid = words[h % len(words)]
+            ids.append(tid)
+            if logprobs is not None:
+                lp = -((h >> 8) % 3000) / 1000.0
+                top = [(tid, lp)] + [(words[(h + k * 7919) % len(words)], lp - k) for k in range(1, req.logprobs)]
+                logprobs.append(TokenLogprobs(tid, lp, top[:req.logprobs]))
+            generated = req.resumed_tokens + pos + 1
+            if tid in req.stop_token_ids and generated > req.min_tokens:
+                finish, stop_id = "stop", tid
+                break
+        if finish is None and end >= req.max_tokens:
+            finish = "length"
+        return Delta(index=index, token_ids=ids, logprobs=logprobs, finish_reason=finish, stop_token_id=stop_id)
