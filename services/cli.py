@@ -10,6 +10,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("infermesh.common.prepare_cli", "Prepare the default model (idempotent)."),
     "tokenizer": ("infermesh.tokenizer.main", "Run the tokenizer service."),
+    "scheduler": ("infermesh.scheduler.main", "Run the scheduler service (admission and routing)."),
     "frontend": ("infermesh.frontend.main", "Run the frontend (OpenAI HTTP API and gRPC API)."),
     "up": ("infermesh.supervisor.main", "Run the whole mesh on this machine (what `make up` runs)."),
     "probe": ("infermesh.supervisor.probe", "Check a service's health (for container health checks)."),

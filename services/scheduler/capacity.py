@@ -1,0 +1,134 @@
+"""What each worker can still take: its latest load report less this scheduler's pending leases.
+
+The worker is the source of truth. A lease this scheduler granted counts as
+*pending* (one sequence, prompt plus max_tokens of KV) only until the worker
+reports it (started, finished, or in its `leases_active` snapshot); from then
+on the worker's own `running` and `committed_tokens` include it. So several
+scheduler replicas over the same workers each subtract only what the workers
+have not told everyone yet, and the worker refuses what it cannot hold.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class State(enum.IntEnum):
+    """Values match `infermesh.v1.WorkerState`."""
+
+    CONNECTING = 0
+    READY = 1
+    DRAINING = 2
+    UNREACHABLE = 3
+
+
+@dataclass
+class WorkerCapacity:
+    """One worker as this scheduler sees it."""
+
+    address: str
+    worker_id: str = ""
+    model: str = ""
+    state: State = State.CONNECTING
+    max_num_seqs: int = 0
+    kv_capacity_tokens: int = 0
+    max_model_len: int = 0
+    block_size: int = 16
+    simulated: bool = False
+    running: int = 0
+    waiting: int = 0
+    committed_tokens: int = 0
+    report: Any = None  # the latest LoadReport (for ListWorkers and metrics)
+    pending: dict[str, int] = field(default_factory=dict)  # lease id -> tokens, not yet reported
+    pending_tokens: int = 0
+    confirmed: set[str] = field(default_factory=set)  # our leases the worker reports running
+
+    @property
+    def name(self) -> str:
+        return self.worker_id or self.address
+
+    def free_seqs(self) -> int:
+        return self.max_num_seqs - self.running - self.waiting - len(self.pending)
+
+    def free_tokens(self) -> int:
+        return self.kv_capacity_tokens - self.committed_tokens - self.pending_tokens
+
+    def load(self) -> int:
+        """Sequences held or promised: the unit of the routing policies' balance."""
+        return self.running + self.waiting + len(self.pending)
+
+    def can_ever_fit(self, tokens: int) -> bool:
+        return tokens <= self.kv_capacity_tokens and (not self.max_model_len or tokens <= self.max_model_len)
+
+    def fits(self, tokens: int) -> bool:
+        """True when a new lease of `tokens` fits now. Never overcommits."""
+        return (self.state is State.READY and self.free_seqs() >= 1
+                and self.free_tokens() >= tokens)
+
+    def reserve(self, lease_id: str, tokens: int) -> None:
+        self.pending[lease_id] = tokens
+        self.pending_tokens += tokens
+
+    def unreserve(self, lease_id: str) -> bool:
+        """Forgets one of our leases; True when it was still pending."""
+        self.confirmed.discard(lease_id)
+        tokens = self.pending.pop(lease_id, None)
+        if tokens is None:
+            return False
+        self.pending_tokens -= tokens
+        return True
+
+    def apply_info(self, worker_id: str, model: str, max_num_seqs: int, kv_capacity_tokens: int,
+                   max_model_len: int, block_size: int, simulated: bool) -> None:
+        self.worker_id = worker_id or self.worker_id
+        self.model = model or self.model
+        self.max_num_seqs = max_num_seqs or self.max_num_seqs
+        self.kv_capacity_tokens = kv_capacity_tokens or self.kv_capacity_tokens
+        self.max_model_len = max_model_len or self.max_model_len
+        self.block_size = block_size or self.block_size
+        self.simulated = simulated
+
+    def apply_report(self, report: Any) -> tuple[list[str], list[str]]:
+        """Takes a LoadReport; returns (our leases the worker now holds, our leases it finished)."""
+        self.report = report
+        self.worker_id = report.worker_id or self.worker_id
+        self.model = report.model or self.model
+        if report.max_num_seqs:
+            self.max_num_seqs = report.max_num_seqs
+        if report.kv_capacity_tokens:
+            self.kv_capacity_tokens = report.kv_capacity_tokens
+        if report.max_model_len:
+            self.max_model_len = report.max_model_len
+        self.running = report.running
+        self.waiting = report.waiting
+        self.committed_tokens = report.committed_tokens
+        self.state = State.DRAINING if report.draining else State.READY
+        finished = [lid for lid in report.leases_finished if lid in self.pending or lid in self.confirmed]
+        for lid in finished:
+            self.unreserve(lid)
+        active = set(report.leases_active)
+        active.update(report.leases_started)
+        active.difference_update(report.leases_finished)
+        started = []
+        if self.pending:
+            started = [lid for lid in active if lid in self.pending]
+            for lid in started:
+                self.pending_tokens -= self.pending.pop(lid)
+                self.confirmed.add(lid)
+        # A confirmed lease missing from the snapshot has ended (its finish may have been missed).
+        gone = [lid for lid in self.confirmed if lid not in active]
+        for lid in gone:
+            self.confirmed.discard(lid)
+        return started, finished + gone
+
+    def lose(self) -> list[str]:
+        """The worker is unreachable: every lease on it ends; returns their ids."""
+        self.state = State.UNREACHABLE
+        ids = [*self.pending, *self.confirmed]
+        self.pending.clear()
+        self.confirmed.clear()
+        self.pending_tokens = 0
+        self.running = self.waiting = self.committed_tokens = 0
+        return ids

@@ -1,0 +1,294 @@
+"""The scheduler's core: admission queues, worker capacity, leases and the routing policy together.
+
+`Dispatcher.admit` grants a lease at once when a worker has room and nobody is
+waiting for the model; otherwise the request waits in the model's `FairQueue`
+until capacity frees up (a load report, a release, an expiry), its queue
+timeout or deadline passes, or the caller goes away. All state lives on one
+event loop: no locks, O(workers) work per grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, Unavailable
+from infermesh.scheduler import metrics
+from infermesh.scheduler.admission import PRIORITY_NAMES, DrainRate, FairQueue, Ticket, priority_level
+from infermesh.scheduler.capacity import State, WorkerCapacity
+from infermesh.scheduler.leases import Lease, LeaseTable
+from infermesh.scheduler.policies import Policy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_queue: int = 128
+    queue_timeout: float = 30.0
+    lease_ttl: float = 10.0
+
+
+@dataclass
+class Grant:
+    lease: Lease
+    queue_seconds: float
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    max_model_len: int = 0
+    simulated: bool = False
+    queue: FairQueue = field(default_factory=FairQueue)
+    drain: DrainRate = field(default_factory=DrainRate)
+
+
+class Dispatcher:
+    def __init__(self, policy: Policy, limits: Limits | None = None, *,
+                 tenant_weights: Mapping[str, int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self.limits = limits or Limits()
+        self.tenant_weights = dict(tenant_weights or {})
+        self.clock = clock
+        self.workers: dict[str, WorkerCapacity] = {}
+        self.models: dict[str, ModelInfo] = {}  # every model a worker ever served
+        self.leases = LeaseTable()
+        self._by_model: dict[str, list[WorkerCapacity]] = {}
+
+    # ---- workers (fed by the WorkerPool) ----
+
+    def worker(self, address: str) -> WorkerCapacity:
+        w = self.workers.get(address)
+        if w is None:
+            w = self.workers[address] = WorkerCapacity(address)
+        return w
+
+    def _model(self, name: str) -> ModelInfo:
+        info = self.models.get(name)
+        if info is None:
+            info = self.models[name] = ModelInfo(name, queue=FairQueue(self.tenant_weights))
+        return info
+
+    def _reindex(self) -> None:
+        by_model: dict[str, list[WorkerCapacity]] = {}
+        for w in self.workers.values():
+            if w.model and w.state in (State.READY, State.DRAINING):
+                by_model.setdefault(w.model, []).append(w)
+        self._by_model = by_model
+
+    def on_info(self, address: str, info: Any) -> None:
+        w = self.worker(address)
+        w.apply_info(info.worker_id, info.model, info.max_num_seqs, info.kv_capacity_tokens,
+                     info.max_model_len, info.block_size, info.simulated)
+        m = self._model(w.model)
+        m.max_model_len = max(m.max_model_len, w.max_model_len)
+        m.simulated = m.simulated or w.simulated
+
+    def on_report(self, address: str, report: Any) -> None:
+        w = self.worker(address)
+        before = w.state
+        started, ended = w.apply_report(report)
+        for lease_id in started:
+            self.leases.mark_started(lease_id)
+        for lease_id in ended:
+            if self.leases.pop(lease_id) is not None:
+                metrics.LEASES_ENDED.labels("finished").inc()
+        if w.model:
+            self._model(w.model)
+        if w.state is not before:
+            self._reindex()
+            logger.info("worker %s (%s) is %s", w.name, address, w.state.name.lower())
+        metrics.observe_worker(w)
+        self.dispatch(w.model)
+
+    def on_lost(self, address: str, reason: str = "") -> None:
+        """The worker's stream broke: exclude it at once and end its leases."""
+        w = self.workers.get(address)
+        if w is None or w.state is State.UNREACHABLE:
+            return
+        ids = w.lose()
+        for lease_id in ids:
+            if self.leases.pop(lease_id) is not None:
+                metrics.LEASES_ENDED.labels("worker_lost").inc()
+        self.policy.forget(address)
+        self._reindex()
+        metrics.observe_worker(w)
+        logger.warning("worker %s (%s) unreachable: %s; %d leases ended", w.name, address, reason, len(ids))
+        self._fail_if_unserved(w.model)
+
+    def remove(self, address: str) -> None:
+        """The worker left the configured set (DNS no longer lists it)."""
+        self.on_lost(address, "removed")
+        w = self.workers.pop(address, None)
+        if w is not None:
+            self._reindex()
+
+    def _fail_if_unserved(self, model: str) -> None:
+        if not model or self._ready(model):
+            return
+        m = self.models.get(model)
+        for ticket in m.queue.drain() if m else ():
+            self._settle(ticket, Unavailable(f"no worker serves model {model!r} now"), "no_worker")
+        self._observe_depth(model)
+
+    def _ready(self, model: str) -> list[WorkerCapacity]:
+        return [w for w in self._by_model.get(model, ()) if w.state is State.READY]
+
+    # ---- admission ----
+
+    def _check(self, ticket: Ticket) -> None:
+        if not ticket.model:
+            raise InvalidRequest("model is required", param="model")
+        if ticket.model not in self.models:
+            raise NotFound(f"model {ticket.model!r} is not served by any worker", param="model")
+        ready = [w for w in self._ready(ticket.model)
+                 if w.address not in ticket.exclude and w.worker_id not in ticket.exclude]
+        if not ready:
+            excluded = " (the others are excluded)" if self._ready(ticket.model) else ""
+            raise Unavailable(f"no worker serves model {ticket.model!r} now{excluded}")
+        if not any(w.can_ever_fit(ticket.tokens) for w in ready):
+            raise InvalidRequest(f"prompt plus max_tokens ({ticket.tokens} tokens) exceeds what any worker "
+                                 f"of {ticket.model!r} can hold", param="max_tokens")
+
+    def place(self, ticket: Ticket) -> Lease | None:
+        """Grants a lease now if a worker can hold the ticket, else None."""
+        fitting = [w for w in self._by_model.get(ticket.model, ())
+                   if w.fits(ticket.tokens) and w.address not in ticket.exclude
+                   and w.worker_id not in ticket.exclude]
+        if not fitting:
+            return None
+        worker, outcome = self.policy.choose(fitting, ticket.prefix_hashes)
+        metrics.ROUTING.labels(self.policy.name, outcome).inc()
+        self.policy.routed(worker, ticket.prefix_hashes)
+        lease = self.leases.grant(worker.address, worker.worker_id, ticket.tokens, self.clock(),
+                                  self.limits.lease_ttl)
+        worker.reserve(lease.lease_id, ticket.tokens)
+        metrics.ADMITTED.labels(ticket.model).inc()
+        return lease
+
+    async def admit(self, ticket: Ticket, timeout: float | None = None) -> Grant:
+        """A lease for the ticket, waiting at most `timeout` (and the queue timeout)."""
+        try:
+            self._check(ticket)
+        except (InvalidRequest, NotFound, Unavailable) as exc:
+            reason = {InvalidRequest: "invalid", NotFound: "unknown_model"}.get(type(exc), "no_worker")
+            metrics.REJECTED.labels(reason).inc()
+            raise
+        wait = self.limits.queue_timeout if timeout is None else min(timeout, self.limits.queue_timeout)
+        if wait <= 0:
+            metrics.REJECTED.labels("deadline").inc()
+            raise DeadlineExceeded("the request's deadline passed before it was admitted")
+        model = self.models[ticket.model]
+        now = self.clock()
+        ticket.enqueued_at = now
+        if not len(model.queue):
+            lease = self.place(ticket)
+            if lease is not None:
+                metrics.QUEUE_TIME.labels(ticket.model).observe(0.0)
+                return Grant(lease, 0.0)
+        if len(model.queue) >= self.limits.max_queue:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise Overloaded(f"the admission queue of {ticket.model!r} is full ({len(model.queue)} waiting)",
+                             retry_after=model.drain.retry_after(len(model.queue), now,
+                                                                 ceiling=self.limits.queue_timeout))
+        ticket.future = asyncio.get_running_loop().create_future()
+        model.queue.push(ticket)
+        self._observe_depth(ticket.model, ticket.priority)
+        self.dispatch(ticket.model)
+        future = ticket.future
+        try:
+            await asyncio.wait((future,), timeout=wait)
+        except asyncio.CancelledError:
+            if not future.done():
+                self._give_up(ticket, "cancelled")
+            elif not future.cancelled() and future.exception() is None:
+                self.release(future.result().lease.lease_id)  # granted as the caller left
+            future.cancel()
+            raise
+        if future.done():
+            return future.result()  # a grant, or the error that settled it
+        reason = "deadline" if timeout is not None and timeout < self.limits.queue_timeout else "timeout"
+        self._give_up(ticket, reason)
+        future.cancel()
+        limit = "its deadline" if reason == "deadline" else "the queue timeout"
+        raise DeadlineExceeded(f"no worker had room within {wait:.3g}s ({limit})")
+
+    def _give_up(self, ticket: Ticket, reason: str) -> None:
+        self.models[ticket.model].queue.discard(ticket)
+        self._observe_depth(ticket.model, ticket.priority)
+        metrics.REJECTED.labels(reason).inc()
+
+    def dispatch(self, model_name: str) -> None:
+        """Grants leases to waiting tickets, in queue order, while the head fits somewhere."""
+        m = self.models.get(model_name)
+        if m is None or not len(m.queue):
+            return
+        queue = m.queue
+        served = False
+        while (ticket := queue.peek()) is not None:
+            lease = self.place(ticket)
+            if lease is None:
+                break
+            queue.pop()
+            served = True
+            now = self.clock()
+            m.drain.record(now)
+            waited = now - ticket.enqueued_at
+            metrics.QUEUE_TIME.labels(model_name).observe(waited)
+            assert ticket.future is not None
+            ticket.future.set_result(Grant(lease, waited))
+        if served:
+            self._observe_depth(model_name)
+
+    def _settle(self, ticket: Ticket, exc: Exception, reason: str) -> None:
+        if ticket.future is not None and not ticket.future.done():
+            metrics.REJECTED.labels(reason).inc()
+            ticket.future.set_exception(exc)
+
+    def _observe_depth(self, model_name: str, priority: int | None = None) -> None:
+        m = self.models.get(model_name)
+        if m is None:
+            return
+        levels = [priority_level(priority)] if priority is not None else list(PRIORITY_NAMES)
+        for level in levels:
+            metrics.QUEUE_DEPTH.labels(model_name, PRIORITY_NAMES[level]).set(m.queue.depth(level))
+
+    # ---- leases ----
+
+    def release(self, lease_id: str, how: str = "released") -> bool:
+        lease = self.leases.pop(lease_id)
+        if lease is None:
+            return False
+        w = self.workers.get(lease.address)
+        if w is not None and w.unreserve(lease_id):
+            self.dispatch(w.model)
+        metrics.LEASES_ENDED.labels(how).inc()
+        return True
+
+    def expire(self) -> int:
+        """Ends the leases nobody claimed in time; returns how many."""
+        expired = self.leases.pop_expired(self.clock())
+        models = set()
+        for lease in expired:
+            w = self.workers.get(lease.address)
+            if w is not None and w.unreserve(lease.lease_id):
+                models.add(w.model)
+            metrics.LEASES_ENDED.labels("expired").inc()
+        for model in models:
+            self.dispatch(model)
+        if expired:
+            logger.info("%d leases expired unclaimed", len(expired))
+        return len(expired)
+
+    def model_names(self) -> Iterable[str]:
+        return self._by_model.keys()
+
+    def pending_leases(self, address: str) -> int:
+        w = self.workers.get(address)
+        return len(w.pending) if w else 0

@@ -1,0 +1,115 @@
+"""`infermesh scheduler`: the scheduler service process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+from infermesh.common.config import ServiceConfig, config_from_argv, option
+from infermesh.common.logs import configure_logging
+from infermesh.common.server import GrpcServer
+from infermesh.scheduler.policies import POLICIES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SchedulerConfig(ServiceConfig):
+    port: int = option(50052, "gRPC port.")
+    metrics_port: int = option(9102, "Port of the Prometheus /metrics endpoint (0: none).")
+    workers: list[str] = option(factory=list, help="Worker addresses host:port (comma-separated or repeated).")
+    workers_dns: list[str] = option(factory=list, help="DNS names name:port re-resolved periodically "
+                                    "(a Kubernetes headless service); every address found is a worker.")
+    dns_interval: float = option(5.0, "Seconds between DNS re-resolutions.")
+    policy: str = option("prefix_affinity", "Routing policy.", choices=POLICIES)
+    max_queue: int = option(128, "Requests that may wait per model; more are refused (RESOURCE_EXHAUSTED).")
+    queue_timeout: float = option(30.0, "Seconds a request may wait for a worker (then DEADLINE_EXCEEDED).")
+    lease_ttl: float = option(10.0, "Seconds a lease lives if its worker never reports it started.")
+    balance_abs_threshold: int = option(8, "prefix_affinity: balance instead when the cached worker holds more "
+                                        "than this many sequences beyond the least-loaded one ...")
+    balance_rel_threshold: float = option(1.5, "... and more than this many times its load.")
+    prefix_index_blocks: int = option(0, "prefix_affinity: blocks remembered per worker "
+                                      "(0: the worker's KV capacity in blocks).")
+    tenant_weights: list[str] = option(factory=list, help="Fair-queuing weights TENANT=N (default 1 each).")
+    report_interval_ms: int = option(200, "Load-report period asked of the workers.")
+    stale_after: float = option(3.0, "Seconds without a load report before a worker counts as unreachable.")
+
+    def validate(self) -> list[str]:
+        from infermesh.scheduler.workers import split_host_port
+
+        problems = super().validate()
+        for spec in [*self.workers, *self.workers_dns]:
+            try:
+                split_host_port(spec)
+            except ValueError as exc:
+                problems.append(f"workers: {exc}")
+        try:
+            self.weights()
+        except ValueError as exc:
+            problems.append(str(exc))
+        for name in ("dns_interval", "queue_timeout", "lease_ttl", "stale_after", "balance_rel_threshold"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_queue", "balance_abs_threshold", "prefix_index_blocks"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.report_interval_ms < 10:
+            problems.append(f"report_interval_ms must be >= 10, got {self.report_interval_ms}")
+        return problems
+
+    def weights(self) -> dict[str, int]:
+        out = {}
+        for spec in self.tenant_weights:
+            tenant, sep, weight = spec.rpartition("=")
+            if not sep or not weight.isdigit() or int(weight) < 1:
+                raise ValueError(f"tenant_weights: expected TENANT=N with N >= 1, got {spec!r}")
+            out[tenant] = int(weight)
+        return out
+
+
+async def serve(config: SchedulerConfig) -> None:
+    from infermesh.scheduler.dispatcher import Dispatcher, Limits
+    from infermesh.scheduler.policies import make_policy
+    from infermesh.scheduler.service import SchedulerService
+    from infermesh.scheduler.workers import WorkerPool
+    from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    policy = make_policy(config.policy, balance_abs_threshold=config.balance_abs_threshold,
+                         balance_rel_threshold=config.balance_rel_threshold,
+                         index_blocks=config.prefix_index_blocks)
+    dispatcher = Dispatcher(policy, Limits(config.max_queue, config.queue_timeout, config.lease_ttl),
+                            tenant_weights=config.weights())
+    pool = WorkerPool(dispatcher, static=config.workers, dns=config.workers_dns, dns_interval=config.dns_interval,
+                      watcher=f"scheduler@{socket.gethostname()}:{os.getpid()}",
+                      interval_ms=config.report_interval_ms, stale_after=config.stale_after)
+    name = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+    server = GrpcServer("scheduler", config, [(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
+                                               SchedulerService(dispatcher), name)])
+
+    async def ready() -> None:
+        await pool.start()
+        await pool.wait_first_attempts(timeout=5.0)
+        logger.info("scheduler policy %s over %d workers", policy.name, len(pool.watches))
+
+    try:
+        await server.serve(ready=ready)
+    finally:
+        await pool.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_argv(SchedulerConfig, "infermesh scheduler", argv,
+                              "Admission control and routing of requests to workers.")
+    configure_logging("scheduler", config.log_level, config.log_format)
+    if not config.workers and not config.workers_dns:
+        logger.warning("no workers configured (--workers or --workers-dns): every Admit will fail")
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,56 @@
+"""The scheduler's Prometheus metrics (served on its metrics port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from infermesh.common.metrics import LATENCY_BUCKETS
+from infermesh.scheduler.capacity import WorkerCapacity
+
+QUEUE_DEPTH = Gauge("infermesh_scheduler_queue_depth", "Requests waiting for a lease.",
+                    ["model", "priority"])
+ADMITTED = Counter("infermesh_scheduler_admitted_total", "Leases granted.", ["model"])
+REJECTED = Counter("infermesh_scheduler_rejected_total",
+                   "Admissions refused, by reason (queue_full, timeout, deadline, no_worker, "
+                   "unknown_model, too_large, invalid, cancelled).", ["reason"])
+QUEUE_TIME = Histogram("infermesh_scheduler_queue_time_seconds",
+                       "Time from arrival to grant (0 when a worker had room at once).", ["model"],
+                       buckets=(0.0005,) + LATENCY_BUCKETS)
+ROUTING = Counter("infermesh_scheduler_routing_decisions_total", "Routing decisions by policy and outcome.",
+                  ["policy", "outcome"])
+LEASES_ENDED = Counter("infermesh_scheduler_leases_ended_total",
+                       "Leases ended, by how (finished, released, expired, worker_lost).", ["how"])
+
+_WORKER_LABELS = ["worker", "model"]
+WORKER_STATE = Gauge("infermesh_scheduler_worker_state",
+                     "Worker state: 0 connecting, 1 ready, 2 draining, 3 unreachable.", _WORKER_LABELS)
+WORKER_RUNNING = Gauge("infermesh_scheduler_worker_running", "Sequences running (worker report).",
+                       _WORKER_LABELS)
+WORKER_WAITING = Gauge("infermesh_scheduler_worker_waiting", "Sequences waiting (worker report).",
+                       _WORKER_LABELS)
+WORKER_KV_USAGE = Gauge("infermesh_scheduler_worker_kv_cache_usage", "KV cache in use, 0..1 (worker report).",
+                        _WORKER_LABELS)
+WORKER_COMMITTED = Gauge("infermesh_scheduler_worker_committed_tokens",
+                         "KV tokens committed (worker report).", _WORKER_LABELS)
+WORKER_FREE_SEQS = Gauge("infermesh_scheduler_worker_free_seqs",
+                         "Sequences free after this scheduler's pending leases.", _WORKER_LABELS)
+WORKER_FREE_TOKENS = Gauge("infermesh_scheduler_worker_free_kv_tokens",
+                           "KV tokens free after this scheduler's pending leases.", _WORKER_LABELS)
+WORKER_PENDING = Gauge("infermesh_scheduler_worker_pending_leases",
+                       "Leases granted on the worker that it has not reported yet.", _WORKER_LABELS)
+WORKER_HIT_RATE = Gauge("infermesh_scheduler_worker_prefix_cache_hit_rate",
+                        "Prefix-cache hit rate (worker report).", _WORKER_LABELS)
+
+
+def observe_worker(worker: WorkerCapacity) -> None:
+    labels = (worker.address, worker.model or "-")
+    WORKER_STATE.labels(*labels).set(int(worker.state))
+    WORKER_RUNNING.labels(*labels).set(worker.running)
+    WORKER_WAITING.labels(*labels).set(worker.waiting)
+    WORKER_COMMITTED.labels(*labels).set(worker.committed_tokens)
+    WORKER_FREE_SEQS.labels(*labels).set(max(0, worker.free_seqs()))
+    WORKER_FREE_TOKENS.labels(*labels).set(max(0, worker.free_tokens()))
+    WORKER_PENDING.labels(*labels).set(len(worker.pending))
+    if worker.report is not None:
+        WORKER_KV_USAGE.labels(*labels).set(worker.report.kv_cache_usage)
+        WORKER_HIT_RATE.labels(*labels).set(worker.report.prefix_cache_hit_rate)

@@ -1,0 +1,137 @@
+"""Capacity accounting without gRPC: never overcommit a worker (property-based)."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from infermesh.scheduler.admission import Ticket
+from infermesh.scheduler.capacity import State, WorkerCapacity
+from tests.scheduler.fakes import Clock, FakeWorker, dispatcher
+
+
+def test_free_capacity_subtracts_pending_leases_until_reported() -> None:
+    d = dispatcher()
+    w = FakeWorker(d, "a:1", max_num_seqs=4, kv_capacity_tokens=1000)
+    cap = d.workers["a:1"]
+    lease = d.place(Ticket(model="m", tokens=300))
+    assert lease is not None
+    assert (cap.free_seqs(), cap.free_tokens()) == (3, 700)
+    w.report()  # the worker has not seen it yet: still pending
+    assert (cap.free_seqs(), cap.free_tokens(), len(cap.pending)) == (3, 700, 1)
+    w.start(lease.lease_id, 300)
+    w.report()  # now the worker's own numbers hold it, and it is no longer pending
+    assert (cap.free_seqs(), cap.free_tokens(), len(cap.pending)) == (3, 700, 0)
+    w.finish(lease.lease_id)
+    w.report()
+    assert (cap.free_seqs(), cap.free_tokens()) == (4, 1000)
+    assert lease.lease_id not in d.leases
+
+
+def test_a_lease_in_the_active_snapshot_counts_as_started() -> None:
+    cap = WorkerCapacity("a:1", max_num_seqs=2, kv_capacity_tokens=100, state=State.READY)
+    cap.reserve("L1", 40)
+    from infermesh.v1 import worker_pb2
+
+    started, ended = cap.apply_report(worker_pb2.LoadReport(running=1, committed_tokens=40, max_num_seqs=2,
+                                                            kv_capacity_tokens=100, leases_active=["L1"]))
+    assert started == ["L1"] and ended == [] and cap.free_tokens() == 60
+    # Missing from a later snapshot means it ended, even if its finish was not seen.
+    started, ended = cap.apply_report(worker_pb2.LoadReport(max_num_seqs=2, kv_capacity_tokens=100))
+    assert ended == ["L1"] and cap.free_tokens() == 100
+
+
+def test_other_schedulers_load_is_respected() -> None:
+    d = dispatcher()
+    w = FakeWorker(d, "a:1", max_num_seqs=4, kv_capacity_tokens=1000)
+    w.report(extra_running=3, extra_tokens=900)
+    assert d.place(Ticket(model="m", tokens=200)) is None  # 100 tokens left
+    lease = d.place(Ticket(model="m", tokens=100))
+    assert lease is not None
+    assert d.place(Ticket(model="m", tokens=1)) is None  # no sequence left
+
+
+def test_draining_and_unreachable_workers_get_nothing() -> None:
+    d = dispatcher()
+    a = FakeWorker(d, "a:1")
+    FakeWorker(d, "b:1")
+    a.draining = True
+    a.report()
+    for _ in range(4):
+        lease = d.place(Ticket(model="m", tokens=10))
+        assert lease is not None and lease.address == "b:1"
+    assert d.place(Ticket(model="m", tokens=10)) is None  # b is full; a drains
+    d.on_lost("b:1", "test")
+    assert d.place(Ticket(model="m", tokens=10)) is None
+    assert d.workers["b:1"].state is State.UNREACHABLE and not d.workers["b:1"].pending
+
+
+OPS = st.one_of(
+    st.tuples(st.just("admit"), st.integers(1, 600), st.sampled_from([(), ("a:1",), ("w-b:1",)])),
+    st.tuples(st.just("start"), st.integers(0, 10_000)),
+    st.tuples(st.just("finish"), st.integers(0, 10_000)),
+    st.tuples(st.just("report"), st.sampled_from(["a:1", "b:1", "c:1"])),
+    st.tuples(st.just("release"), st.integers(0, 10_000)),
+    st.tuples(st.just("tick"), st.floats(0.0, 6.0)),
+    st.tuples(st.just("drain"), st.sampled_from(["a:1", "b:1", "c:1"])),
+    st.tuples(st.just("crash"), st.sampled_from(["a:1", "b:1", "c:1"])),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, max_size=120), st.sampled_from(["least_load", "round_robin", "prefix_affinity"]),
+       st.lists(st.tuples(st.integers(1, 6), st.integers(200, 2000), st.integers(0, 2)), min_size=3, max_size=3))
+def test_never_overcommit(ops, policy, shapes) -> None:
+    """Whatever happens, what a worker holds plus the leases outstanding on it fit its capacity."""
+    clock = Clock()
+    d = dispatcher(policy, clock, lease_ttl=10.0)
+    workers = {}
+    foreign = {}
+    for address, (seqs, kv, other) in zip(["a:1", "b:1", "c:1"], shapes):
+        workers[address] = FakeWorker(d, address, max_num_seqs=seqs, kv_capacity_tokens=kv)
+        foreign[address] = (min(other, seqs - 1), min(other * 50, kv // 2))  # another scheduler's steady load
+        workers[address].report(extra_running=foreign[address][0], extra_tokens=foreign[address][1])
+    granted = []  # (lease, tokens) handed to clients, in order
+
+    def outstanding(lease):
+        return lease.lease_id in d.leases and not d.leases.get(lease.lease_id).started
+
+    for op in ops:
+        kind = op[0]
+        if kind == "admit":
+            lease = d.place(Ticket(model="m", tokens=op[1], exclude=frozenset(op[2])))
+            if lease is not None:
+                w = d.workers[lease.address]
+                assert w.address not in op[2] and w.worker_id not in op[2]
+                assert not workers[lease.address].draining
+                granted.append((lease, op[1]))
+        elif kind in ("start", "release") and granted:
+            lease, tokens = granted[op[1] % len(granted)]
+            if outstanding(lease) and lease.lease_id not in workers[lease.address].held:
+                if kind == "start":
+                    workers[lease.address].start(lease.lease_id, tokens)
+                else:
+                    assert d.release(lease.lease_id)
+        elif kind == "finish" and granted:
+            lease, _ = granted[op[1] % len(granted)]
+            workers[lease.address].finish(lease.lease_id)
+        elif kind == "report":
+            workers[op[1]].report(extra_running=foreign[op[1]][0], extra_tokens=foreign[op[1]][1])
+        elif kind == "tick":
+            clock.now += op[1]
+            d.expire()
+        elif kind == "drain":
+            workers[op[1]].draining = not workers[op[1]].draining
+            workers[op[1]].report(extra_running=foreign[op[1]][0], extra_tokens=foreign[op[1]][1])
+        elif kind == "crash":
+            d.on_lost(op[1], "crash")
+            workers[op[1]].held.clear()
+            workers[op[1]].started.clear()
+            workers[op[1]].finished.clear()
+        for address, fw in workers.items():
+            mine = [(lease, tokens) for lease, tokens in granted
+                    if lease.address == address and outstanding(lease) and lease.lease_id not in fw.held]
+            seqs = len(fw.held) + foreign[address][0] + len(mine)
+            tokens = sum(fw.held.values()) + foreign[address][1] + sum(t for _, t in mine)
+            assert seqs <= fw.max_num_seqs, (address, seqs)
+            assert tokens <= fw.kv_capacity_tokens, (address, tokens)
