@@ -1,0 +1,139 @@
+"""The frontend's clients: tokenizer, scheduler and workers, and the per-model tokenizer cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from infermesh.common.channels import channel
+from infermesh.common.errors import InfermeshError, Unavailable, from_rpc_error
+from infermesh.frontend.detokenizer import TokenizerModel
+from infermesh.v1 import (common_pb2, scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc,
+                          worker_pb2_grpc)
+
+logger = logging.getLogger(__name__)
+
+# Timeouts of the unary calls (Admit waits in the queue: bounded by the scheduler).
+RENDER_TIMEOUT = 30.0
+CONTROL_TIMEOUT = 5.0
+MODELS_TTL = 2.0
+
+
+def rpc_error(err: grpc.RpcError, tier: str) -> InfermeshError:
+    """The project's error for a failed call; an unreachable tier is a 503 that names it."""
+    exc = from_rpc_error(err)
+    if isinstance(exc, Unavailable):
+        return Unavailable(f"the {tier} is unavailable: {exc.message}")
+    return exc
+
+
+class Backends:
+    """Channels to the tiers the frontend calls, shared by all requests."""
+
+    def __init__(self, tokenizer_address: str, scheduler_address: str) -> None:
+        self.tokenizer_channel = channel(tokenizer_address)
+        self.scheduler_channel = channel(scheduler_address)
+        self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self.tokenizer_channel)
+        self.scheduler = scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel)
+        self._workers: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
+        self._models: dict[str, TokenizerModel] = {}
+        self._model_locks: dict[str, asyncio.Lock] = {}
+        self._cards: tuple[float, list[common_pb2.ModelCard]] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        entry = self._workers.get(address)
+        if entry is None:
+            ch = channel(address)
+            entry = (ch, worker_pb2_grpc.WorkerStub(ch))
+            self._workers[address] = entry
+        return entry[1]
+
+    async def tokenizer_model(self, model: str) -> TokenizerModel:
+        """The model's decoding tokenizer, fetched once from the tokenizer service."""
+        cached = self._models.get(model)
+        if cached is not None:
+            return cached
+        lock = self._model_locks.setdefault(model, asyncio.Lock())
+        async with lock:
+            if model in self._models:
+                return self._models[model]
+            try:
+                definition = await self.tokenizer.GetTokenizer(
+                    tokenizer_pb2.GetTokenizerRequest(model=model), timeout=RENDER_TIMEOUT)
+            except grpc.RpcError as err:
+                raise rpc_error(err, "tokenizer") from None
+            built = await asyncio.to_thread(
+                TokenizerModel, definition.model, definition.tokenizer_json, list(definition.eos_token_ids),
+                definition.max_model_len, definition.sha256)
+            self._models[model] = built
+            logger.info("loaded the tokenizer of %s (vocabulary %d)", model, built.vocab_size)
+            return built
+
+    async def render(self, request: tokenizer_pb2.RenderRequest) -> tokenizer_pb2.RenderResponse:
+        try:
+            return await self.tokenizer.Render(request, timeout=RENDER_TIMEOUT)
+        except grpc.RpcError as err:
+            raise rpc_error(err, "tokenizer") from None
+
+    async def admit(self, request: scheduler_pb2.AdmitRequest, timeout: float | None) -> scheduler_pb2.Lease:
+        try:
+            return await self.scheduler.Admit(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise rpc_error(err, "scheduler") from None
+
+    def release(self, lease_id: str, outcome: int) -> None:
+        """Ends a lease in the background (also from a cancelled task)."""
+        async def call() -> None:
+            try:
+                await self.scheduler.Release(scheduler_pb2.ReleaseRequest(lease_id=lease_id, outcome=outcome),
+                                             timeout=CONTROL_TIMEOUT)
+            except grpc.RpcError as err:
+                logger.warning("release of lease %s failed: %s", lease_id, err.code().name)
+        task = asyncio.get_running_loop().create_task(call())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def model_cards(self) -> list[common_pb2.ModelCard]:
+        """The models the scheduler's workers serve (cached briefly)."""
+        now = time.monotonic()
+        if self._cards is not None and now - self._cards[0] < MODELS_TTL:
+            return self._cards[1]
+        try:
+            reply = await self.scheduler.ListModels(common_pb2.ListModelsRequest(), timeout=CONTROL_TIMEOUT)
+        except grpc.RpcError as err:
+            raise rpc_error(err, "scheduler") from None
+        cards = list(reply.models)
+        self._cards = (now, cards)
+        return cards
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        """Whether a request can be served: tokenizer, scheduler and a ready worker."""
+        checks: dict[str, str] = {}
+        try:
+            await self.tokenizer.ListModels(common_pb2.ListModelsRequest(), timeout=CONTROL_TIMEOUT)
+            checks["tokenizer"] = "ok"
+        except grpc.RpcError as err:
+            checks["tokenizer"] = err.code().name
+        try:
+            reply = await self.scheduler.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=CONTROL_TIMEOUT)
+            ready = sum(1 for w in reply.workers if w.state == scheduler_pb2.WORKER_STATE_READY)
+            checks["scheduler"] = "ok"
+            checks["ready_workers"] = str(ready)
+        except grpc.RpcError as err:
+            checks["scheduler"] = err.code().name
+            ready = 0
+        ok = checks["tokenizer"] == "ok" and checks["scheduler"] == "ok" and ready > 0
+        return ok, checks
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            await asyncio.wait({task}, timeout=CONTROL_TIMEOUT)
+        await self.tokenizer_channel.close()
+        await self.scheduler_channel.close()
+        for ch, _ in self._workers.values():
+            await ch.close()

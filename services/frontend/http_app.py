@@ -1,0 +1,104 @@
+"""The HTTP app: routing, the error mapping's HTTP side, request metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from infermesh.common.errors import InfermeshError
+from infermesh.frontend import metrics
+from infermesh.frontend.auth import ApiKeys
+from infermesh.frontend.backends import Backends
+from infermesh.frontend.completions_api import CompletionsApi
+from infermesh.frontend.errors import RouteNotFound, error_body, http_status, retry_after_header
+from infermesh.frontend.openapi import openapi_schema
+from infermesh.frontend.serving import ServingOptions
+
+logger = logging.getLogger(__name__)
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, _ = http_status(exc)
+    if status >= 500 and not isinstance(exc, InfermeshError):
+        logger.exception("unhandled error", exc_info=exc)
+    elif status >= 500:
+        logger.warning("request failed: %s", exc)
+    return JSONResponse(error_body(exc), status_code=status, headers=retry_after_header(exc))
+
+
+class RequestMetrics:
+    """Outermost middleware: counts responses by route and status code."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        status = 0
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            metrics.HTTP_REQUESTS.labels(route=route, code=str(status or 499)).inc()
+
+
+def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_body_bytes: int) -> ASGIApp:
+    api = CompletionsApi(backends, keys, options, max_body_bytes)
+
+    async def models(request: Request) -> Response:
+        keys.tenant(request.headers.get("authorization"))
+        cards = await backends.model_cards()
+        data = [{"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by or "infermesh",
+                 "max_model_len": c.max_model_len, "simulated": c.simulated} for c in cards]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        ok, checks = await backends.health()
+        return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    schema = json.dumps(openapi_schema()).encode()
+
+    async def openapi(request: Request) -> Response:
+        return Response(schema, media_type="application/json")
+
+    async def not_found(request: Request, exc: Any) -> Response:
+        if getattr(exc, "status_code", 404) == 405:
+            return JSONResponse({"error": {"message": f"method {request.method} is not allowed on {request.url.path}",
+                                           "type": "invalid_request_error", "param": None,
+                                           "code": "method_not_allowed"}}, status_code=405)
+        return error_response(RouteNotFound(f"no route {request.url.path}"))
+
+    async def handled(request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ], exception_handlers={InfermeshError: handled, Exception: handled, 404: not_found, 405: not_found})
+    return RequestMetrics(app)

@@ -1,0 +1,127 @@
+"""`infermesh frontend`: the OpenAI-compatible HTTP API and the public gRPC API, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+
+from infermesh.common.config import ServiceConfig, config_from_argv, option
+from infermesh.common.logs import configure_logging
+from infermesh.common.server import GrpcServer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FrontendConfig(ServiceConfig):
+    port: int = option(50050, "gRPC port (infermesh.v1.Inference).")
+    metrics_port: int = option(0, "Extra Prometheus port (0: none; /metrics is on the HTTP port).")
+    http_port: int = option(8000, "HTTP port (OpenAI API, /health, /metrics).")
+    tokenizer: str = option("127.0.0.1:50051", "Tokenizer service address.")
+    scheduler: str = option("127.0.0.1:50052", "Scheduler service address.")
+    api_keys: str = option("", "API keys as name:key,name2:key2 (each name a tenant); empty: no auth.")
+    max_body_bytes: int = option(4 * 1024 * 1024, "Largest request body accepted (larger: HTTP 413).")
+    keepalive: float = option(5.0, "Seconds between SSE keep-alive comments while a stream waits.")
+    first_event_wait: float = option(1.0, "Seconds a stream waits for a quick error before committing to 200.")
+    admit_timeout: float = option(0.0, "Upper bound on waiting for admission, seconds (0: the scheduler's).")
+    preload_model: list[str] = option(factory=list, help="Models whose tokenizer to fetch at start-up.")
+
+    def __repr__(self) -> str:  # never print the keys
+        return f"FrontendConfig(http_port={self.http_port}, port={self.port})"
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if not 0 <= self.http_port <= 65535:
+            problems.append(f"http_port must be a port number, got {self.http_port}")
+        if self.max_body_bytes < 1024:
+            problems.append("max_body_bytes must be at least 1024")
+        if self.keepalive <= 0 or self.first_event_wait < 0 or self.admit_timeout < 0:
+            problems.append("keepalive must be > 0; first_event_wait and admit_timeout >= 0")
+        from infermesh.common.errors import InvalidRequest
+        from infermesh.frontend.auth import ApiKeys
+        try:
+            ApiKeys(self.api_keys)
+        except InvalidRequest as exc:
+            problems.append(f"api_keys: {exc.message}")
+        return problems
+
+
+class _HttpServer:
+    """uvicorn inside our event loop; the gRPC server owns the signals and the drain."""
+
+    def __init__(self, app: object, config: FrontendConfig) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        self.server = Server(uvicorn.Config(app, host=config.host, port=config.http_port, log_config=None,
+                                            access_log=False, lifespan="off", loop="none",
+                                            timeout_graceful_shutdown=max(1, int(config.grace_period)),
+                                            timeout_keep_alive=30))
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+                raise OSError("the HTTP server stopped at start-up")
+            await asyncio.sleep(0.01)
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+async def serve(config: FrontendConfig) -> None:
+    from infermesh.frontend.auth import ApiKeys
+    from infermesh.frontend.backends import Backends
+    from infermesh.frontend.grpc_api import InferenceService
+    from infermesh.frontend.http_app import create_app
+    from infermesh.frontend.serving import ServingOptions
+    from infermesh.v1 import inference_pb2, inference_pb2_grpc
+
+    keys = ApiKeys(config.api_keys)
+    backends = Backends(config.tokenizer, config.scheduler)
+    options = ServingOptions(keepalive=config.keepalive, first_event_wait=config.first_event_wait,
+                             admit_timeout=config.admit_timeout or None)
+    http = _HttpServer(create_app(backends, keys, options, config.max_body_bytes), config)
+    name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+    service = InferenceService(backends, keys, options)
+    server = GrpcServer("frontend", config, [(inference_pb2_grpc.add_InferenceServicer_to_server, service, name)],
+                        on_drain=http.stop)
+
+    async def ready() -> None:
+        await http.start()
+        for model in config.preload_model:
+            await backends.tokenizer_model(model)
+        logger.info("HTTP on %s:%d (api keys: %s)", config.host, http.port, "on" if keys.enabled else "off")
+
+    try:
+        await server.serve(ready=ready)
+    finally:
+        await http.stop()
+        await backends.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_argv(FrontendConfig, "infermesh frontend", argv,
+                              "The OpenAI-compatible HTTP API and the public gRPC API.")
+    configure_logging("frontend", config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0
