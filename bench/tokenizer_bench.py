@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-
 from infermesh.common.model_prep import default_model_dir
 from infermesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
 from tests.harness import ServiceProcess, free_port
 
 WORDS = ("the model serves tokens over a mesh of small services and each one scales on its own "

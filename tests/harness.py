@@ -63,10 +63,9 @@ class ServiceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "infermesh.cli", *self.args], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "infermesh.cli", *self.args], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     @property

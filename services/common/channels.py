@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-
 from infermesh.common.context import REQUEST_ID_HEADER, request_metadata
 from infermesh.common.server import CHANNEL_OPTIONS
 

@@ -72,19 +72,18 @@ def _convert(raw: str | Sequence[str], typ: Any, name: str) -> Any:
     if origin in (list, tuple):
         items = raw if not isinstance(raw, str) else [x for x in raw.replace(",", " ").split() if x]
         return [_convert(x, args[0], name) for x in items]
-    if isinstance(raw, (list, tuple)):
-        raw = raw[-1]
+    text: str = raw[-1] if isinstance(raw, (list, tuple)) else str(raw)
     if typ is bool:
-        low = raw.strip().lower()
+        low = text.strip().lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{name}: expected true or false, got {raw!r}")
+        raise ValueError(f"{name}: expected true or false, got {text!r}")
     try:
-        return typ(raw)
+        return typ(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {getattr(typ, '__name__', typ)}, got {raw!r}") from None
+        raise ValueError(f"{name}: expected {getattr(typ, '__name__', typ)}, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[ServiceConfig]) -> None:

@@ -14,14 +14,13 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-
 from infermesh.common.config import ServiceConfig
 from infermesh.common.context import REQUEST_ID_HEADER, set_request_id
 from infermesh.common.errors import InfermeshError, to_status
@@ -74,7 +73,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except Exception as exc:  # noqa: BLE001 - reported as INVALID_ARGUMENT by the handler
+        except Exception as exc:
             return _Malformed(type(exc).__name__)
     return parse
 
@@ -122,7 +121,7 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
             return await behavior(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+        except Exception as exc:
             await _abort(context, exc, method)
     return wrapper
 
@@ -137,7 +136,7 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
                     yield item
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 await _abort(context, exc, method)
         return gen_wrapper
     return _wrap_unary(behavior, method)
@@ -212,7 +211,7 @@ class GrpcServer:
         if self._stopping is not None:
             self._stopping.set()
 
-    async def serve(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def serve(self, ready: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         """Starts, marks SERVING (after `ready`), and runs until SIGTERM/SIGINT, then drains."""
         self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -241,7 +240,7 @@ class GrpcServer:
         if self.on_drain is not None:
             try:
                 await asyncio.wait_for(self.on_drain(), timeout=grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.warning("%s: drain did not finish within %.0fs", self.name, grace)
         await self.server.stop(grace)
         if self._metrics_server is not None:

@@ -17,9 +17,8 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from infermesh.common.errors import InvalidRequest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 class _GenerationBlock(jinja2.ext.Extension):

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
-
 from infermesh.common.errors import InvalidRequest, NotFound
 from infermesh.tokenizer.chat_template import ChatTemplate
+from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +73,8 @@ def _ids(value: Any) -> list[int]:
 def parse_model_spec(spec: str) -> tuple[str, Path]:
     """`NAME=DIR` or `DIR` (named after the directory)."""
     if "=" in spec:
-        name, _, path = spec.partition("=")
-        return name.strip(), Path(path).expanduser()
+        name, _, directory = spec.partition("=")
+        return name.strip(), Path(directory).expanduser()
     path = Path(spec).expanduser()
     return path.name, path
 
@@ -106,7 +105,7 @@ class ModelTokenizer:
         tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
         config = _read_json(path / "config.json")
         tok_config = _read_json(path / "tokenizer_config.json")
-        special = {k: t for k in _SPECIAL_KEYS if (t := _token_text(tok_config.get(k))) is not None}
+        special: dict[str, Any] = {k: t for k in _SPECIAL_KEYS if (t := _token_text(tok_config.get(k))) is not None}
         extra = tok_config.get("additional_special_tokens") or tok_config.get("extra_special_tokens")
         if isinstance(extra, list):
             special["additional_special_tokens"] = [t for x in extra if (t := _token_text(x))]

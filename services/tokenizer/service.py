@@ -6,15 +6,15 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
-
-from prometheus_client import Counter, Histogram
+from typing import Any, TypeVar
 
 from infermesh.common.errors import InvalidRequest
 from infermesh.common.metrics import LATENCY_BUCKETS, observe_call
 from infermesh.tokenizer.models import ModelRegistry, ModelTokenizer
 from infermesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from prometheus_client import Counter, Histogram
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

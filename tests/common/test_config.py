@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 
 import pytest
-
 from infermesh.common.config import ConfigError, ServiceConfig, add_arguments, load_config, option
 
 

@@ -7,7 +7,6 @@ import logging
 
 import grpc
 import pytest
-
 from infermesh.common import errors
 from infermesh.common.context import request_metadata, set_request_id
 from infermesh.common.logs import JsonFormatter, RequestIdFilter, configure_logging

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from infermesh.tokenizer.models import ModelTokenizer
 
 PIECES = st.sampled_from(["word", " ", "  ", "\n", "\n\n", "\t", "é", "日本", "😀", "'s", "123", "<|im_start|>",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from infermesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
 from tests.harness import ServiceProcess
 from tests.tokenizer.conversations import CONVERSATIONS, PROMPTS
 
@@ -45,7 +45,8 @@ def test_chat_render_matches_transformers(index: int, stub, hf_tokenizer, model_
 
     # Decoding the rendered ids gives back the rendered text.
     text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    decoded = stub.Decode(tokenizer_pb2.DecodeRequest(model=model_name, items=[common_pb2.TokenIds(ids=reply.token_ids)]))
+    decoded = stub.Decode(tokenizer_pb2.DecodeRequest(model=model_name,
+                                                      items=[common_pb2.TokenIds(ids=reply.token_ids)]))
     assert decoded.texts[0] == text
 
 

@@ -11,8 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from infermesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
 from tests.harness import ServiceProcess, free_port, health_status
 
 
