@@ -39,6 +39,7 @@ class WorkerCapacity:
     simulated: bool = False
     running: int = 0
     waiting: int = 0
+    held_seqs: int = 0  # running + waiting, or the leases active if the engine lags behind them
     committed_tokens: int = 0
     report: Any = None  # the latest LoadReport (for ListWorkers and metrics)
     pending: dict[str, int] = field(default_factory=dict)  # lease id -> tokens, not yet reported
@@ -50,14 +51,14 @@ class WorkerCapacity:
         return self.worker_id or self.address
 
     def free_seqs(self) -> int:
-        return self.max_num_seqs - self.running - self.waiting - len(self.pending)
+        return self.max_num_seqs - self.held_seqs - len(self.pending)
 
     def free_tokens(self) -> int:
         return self.kv_capacity_tokens - self.committed_tokens - self.pending_tokens
 
     def load(self) -> int:
         """Sequences held or promised: the unit of the routing policies' balance."""
-        return self.running + self.waiting + len(self.pending)
+        return self.held_seqs + len(self.pending)
 
     def can_ever_fit(self, tokens: int) -> bool:
         return tokens <= self.kv_capacity_tokens and (not self.max_model_len or tokens <= self.max_model_len)
@@ -104,6 +105,7 @@ class WorkerCapacity:
         self.running = report.running
         self.waiting = report.waiting
         self.committed_tokens = report.committed_tokens
+        self.held_seqs = max(report.running + report.waiting, len(report.leases_active))
         self.state = State.DRAINING if report.draining else State.READY
         finished = [lid for lid in report.leases_finished if lid in self.pending or lid in self.confirmed]
         for lid in finished:
@@ -130,5 +132,5 @@ class WorkerCapacity:
         self.pending.clear()
         self.confirmed.clear()
         self.pending_tokens = 0
-        self.running = self.waiting = self.committed_tokens = 0
+        self.running = self.waiting = self.held_seqs = self.committed_tokens = 0
         return ids

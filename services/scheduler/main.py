@@ -38,6 +38,11 @@ class SchedulerConfig(ServiceConfig):
     report_interval_ms: int = option(200, "Load-report period asked of the workers.")
     stale_after: float = option(3.0, "Seconds without a load report before a worker counts as unreachable.")
 
+    def __post_init__(self) -> None:
+        # "a:1,b:2" as one flag value, or repeated flags: one flat list either way.
+        for name in ("workers", "workers_dns", "tenant_weights"):
+            setattr(self, name, [x for item in getattr(self, name) for x in item.replace(",", " ").split()])
+
     def validate(self) -> list[str]:
         from infermesh.scheduler.workers import split_host_port
 

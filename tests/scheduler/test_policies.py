@@ -13,7 +13,7 @@ from tests.scheduler.fakes import FakeWorker, dispatcher
 
 def cap(address: str, running: int = 0, seqs: int = 64) -> WorkerCapacity:
     return WorkerCapacity(address, worker_id=address, model="m", state=State.READY, max_num_seqs=seqs,
-                          kv_capacity_tokens=100_000, running=running)
+                          kv_capacity_tokens=100_000, running=running, held_seqs=running)
 
 
 def prompt(system: int, user: int, system_len: int = 1000) -> list[int]:
@@ -67,13 +67,13 @@ def test_the_imbalance_guard_sends_work_to_the_least_loaded() -> None:
     hashes = block_hashes(prompt(3, 0))
     policy.routed(hot, hashes)
     assert policy.choose([hot, idle], hashes) == (hot, "hit")
-    hot.running = 4  # 4 more than idle: not beyond the absolute threshold
+    hot.held_seqs = 4  # 4 more than idle: not beyond the absolute threshold
     assert policy.choose([hot, idle], hashes) == (hot, "hit")
-    hot.running = 5
+    hot.held_seqs = 5
     assert policy.choose([hot, idle], hashes) == (idle, "imbalanced")
-    idle.running = 4  # 5 vs 4: beyond neither threshold
+    idle.held_seqs = 4  # 5 vs 4: beyond neither threshold
     assert policy.choose([hot, idle], hashes) == (hot, "hit")
-    hot.running, idle.running = 30, 25  # 5 more, but only 1.2x
+    hot.held_seqs, idle.held_seqs = 30, 25  # 5 more, but only 1.2x
     assert policy.choose([hot, idle], hashes) == (hot, "hit")
 
 
