@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from infermesh.common.channels import channel
-from infermesh.common.errors import InfermeshError, Unavailable, from_rpc_error
+from infermesh.common.errors import InfermeshError, NotFound, Unavailable, from_rpc_error
 from infermesh.frontend.detokenizer import TokenizerModel
 from infermesh.v1 import (common_pb2, scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc,
                           worker_pb2_grpc)
@@ -84,7 +84,11 @@ class Backends:
         try:
             return await self.scheduler.Admit(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise rpc_error(err, "scheduler") from None
+            exc = rpc_error(err, "scheduler")
+            if isinstance(exc, NotFound):
+                # The tokenizer knows the model (it rendered the prompt): no worker serving it is an outage.
+                raise Unavailable(exc.message) from None
+            raise exc from None
 
     def release(self, lease_id: str, outcome: int) -> None:
         """Ends a lease in the background (also from a cancelled task)."""

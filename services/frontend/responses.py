@@ -21,11 +21,9 @@ _NULL_FINISH = ',"finish_reason":null}]}\n\n'
 
 def usage_dict(gen: Generation) -> dict[str, Any]:
     completion = gen.completion_tokens
-    usage: dict[str, Any] = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": completion,
-                             "total_tokens": gen.prompt_tokens + completion}
-    if gen.cached_tokens:
-        usage["prompt_tokens_details"] = {"cached_tokens": gen.cached_tokens}
-    return usage
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": gen.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": gen.cached_tokens}}
 
 
 def _finish(reason: str) -> str:
