@@ -273,8 +273,9 @@ def render(settings: EdgeSettings, header: str = "") -> str:
 
 
 # The files under deploy/ and the settings each is rendered with.
-_HEADER = ("# Rendered by `python -m infermesh.supervisor.envoy_config --write` from\n"
-           "# services/supervisor/envoy_config.py ({what}); edit that, not this file.\n")
+_HEADER = ("# Envoy edge for {what}.\n"
+           "# Rendered by `python -m infermesh.supervisor.envoy_config --write` from\n"
+           "# services/supervisor/envoy_config.py: edit that, not this file.\n")
 VARIANTS: dict[str, tuple[str, EdgeSettings]] = {
     "deploy/envoy/envoy.yaml": (
         "one machine: the frontend on 127.0.0.1:8000 and :50050",
