@@ -1,0 +1,102 @@
+"""Failures in a simulated mesh: migration off a killed worker, 429, keep-alives while queued, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.frontend.sse import metric_value, scrape, stream_sse, wait_for
+
+PROMPT = "The history of the mesh begins"
+
+
+async def test_kill_9_of_a_worker_under_50_streams_loses_no_stream(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=2, sim_ttft_ms=5, sim_itl_ms=10, scheduler={"policy": "least_load"})
+    max_tokens = 150  # ~1.5 s per stream
+    bodies = [{"model": mesh.model, "prompt": f"{PROMPT} {i}", "max_tokens": max_tokens, "seed": i,
+               "stream_options": {"include_usage": True}} for i in range(50)]
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60,
+                                 limits=httpx.Limits(max_connections=100)) as client:
+        streams = [asyncio.create_task(stream_sse(client, "/v1/completions", b)) for b in bodies]
+        victim = mesh.workers[0]
+        # Kill once the victim is mid-stream on many requests.
+        deadline = asyncio.get_running_loop().time() + 20
+        while metric_value(scrape(victim.metrics_port), "vllm:num_requests_running") < 10:
+            assert asyncio.get_running_loop().time() < deadline, "the victim never got busy"
+            await asyncio.sleep(0.02)
+        victim.kill()
+        results = await asyncio.gather(*streams)
+        references = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+    for result, reference in zip(results, references):
+        assert result.status == 200
+        assert not result.errors, result.errors
+        assert result.events[-1] == "[DONE]"
+        assert result.finish() == "length"
+        assert result.usage["completion_tokens"] == max_tokens
+        # Whole and unbroken: exactly what an uninterrupted request produces.
+        assert result.text() == reference.json()["choices"][0]["text"]
+    frontend_metrics = httpx.get(mesh.url + "/metrics").text
+    assert metric_value(frontend_metrics, "infermesh_frontend_worker_retries_total") >= 10
+
+
+async def test_queue_full_is_429_with_retry_after_and_waiting_streams_get_keepalives(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20, max_num_seqs=1,
+                            scheduler={"max_queue": 1}, frontend={"keepalive": 0.2, "first_event_wait": 0.1})
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 60}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
+        worker_port = mesh.workers[0].metrics_port
+        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
+                                >= 1, 10)
+        queued = asyncio.create_task(stream_sse(client, "/v1/completions", body))
+        await asyncio.sleep(0.3)  # let it reach the scheduler's queue
+        refused = [await client.post("/v1/completions", json=body) for _ in range(3)]
+        done_first, done_queued = await asyncio.gather(first, queued)
+        after = await client.post("/v1/completions", json={**body, "max_tokens": 2})
+    codes = [r.status_code for r in refused]
+    assert 429 in codes, codes
+    for reply in refused:
+        if reply.status_code == 429:
+            assert int(reply.headers["retry-after"]) >= 1
+            assert reply.json()["error"]["type"] == "rate_limit_error"
+    assert done_first.finish() == done_queued.finish() == "length"
+    # The queued stream waited ~1.2 s behind the first: it heard keep-alive comments meanwhile.
+    assert done_queued.comments >= 2
+    assert after.status_code == 200
+
+
+async def test_a_disconnect_cancels_the_worker_stream(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20)
+    worker_port = mesh.workers[0].metrics_port
+    running = lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")  # noqa: E731
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        async with client.stream("POST", "/v1/completions", json={
+                "model": mesh.model, "prompt": PROMPT, "max_tokens": 2000, "stream": True}) as reply:
+            async for line in reply.aiter_lines():
+                if line.startswith("data: "):
+                    break
+            assert running() == 1
+        # The connection is closed here; the client is gone.
+    took = await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0)
+    assert took < 2.0
+    assert metric_value(httpx.get(mesh.url + "/metrics").text, "infermesh_active_streams") == 0
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_no_worker_left_gives_an_error_event_after_the_stream_started(sim_mesh_factory, n: int) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20)
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        task = asyncio.create_task(stream_sse(client, "/v1/completions", {
+            "model": mesh.model, "prompt": PROMPT, "max_tokens": 500, "n": n}))
+        port = mesh.workers[0].metrics_port
+        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(port), "vllm:num_requests_running") >= 1, 10)
+        await asyncio.sleep(0.2)  # some tokens reached the client
+        mesh.workers[0].kill()
+        result = await task
+    assert result.status == 200
+    assert result.text() != ""
+    assert len(result.errors) == 1
+    assert result.errors[0]["error"]["type"] == "service_unavailable_error"
+    assert result.events[-1] == "[DONE]"
