@@ -1,0 +1,1 @@
+"""Tests of deploy/: Envoy, containers, compose, Kubernetes, observability."""
