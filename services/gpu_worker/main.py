@@ -56,10 +56,12 @@ class WorkerConfig(ServiceConfig):
     sim_prompt_token_ms: float = option(0.02, "sim: prefill cost per uncached prompt token in ms.")
     sim_itl_ms: float = option(20.0, "sim: inter-token latency in ms.")
     sim_kv_capacity_tokens: int = option(1_048_576, "sim: KV cache capacity in tokens.")
+    sim_fail_after_tokens: int = option(0, "sim: the engine dies after this many tokens (failure tests; 0: never).")
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        for name in ("max_model_len", "max_num_seqs", "block_size", "sim_kv_capacity_tokens"):
+        for name in ("max_model_len", "max_num_seqs", "block_size", "sim_kv_capacity_tokens",
+                     "sim_fail_after_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         for name in ("kv_cache_gb", "sim_ttft_ms", "sim_prompt_token_ms", "sim_itl_ms"):
@@ -103,7 +105,8 @@ def build_engine(config: WorkerConfig) -> Engine:
         options = SimOptions(ttft_ms=config.sim_ttft_ms, prompt_token_ms=config.sim_prompt_token_ms,
                              itl_ms=config.sim_itl_ms, max_num_seqs=config.max_num_seqs or 256,
                              kv_capacity_tokens=config.sim_kv_capacity_tokens,
-                             block_size=config.block_size or 16, max_model_len=config.max_model_len)
+                             block_size=config.block_size or 16, max_model_len=config.max_model_len,
+                             fail_after_tokens=config.sim_fail_after_tokens)
         return SimEngine(name, path if path.is_dir() else None, options)
     from infermesh.gpu_worker.vllm_engine import VllmEngine, VllmOptions
 

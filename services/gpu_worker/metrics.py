@@ -7,8 +7,10 @@ this module (vLLM's own Prometheus logger is turned off, so nothing clashes).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 from infermesh.gpu_worker.engine import Delta, EngineLoad
 from prometheus_client import Counter, Gauge, Histogram
@@ -46,6 +48,13 @@ def export_load(model: str, load: Callable[[], EngineLoad]) -> None:
     PREFIX_HIT_RATE.labels(model_name=model).set_function(lambda: load().prefix_cache_hit_rate)
 
 
+@functools.lru_cache(maxsize=16)
+def _children(model: str) -> tuple[Any, Any, Any]:
+    """The per-token series of a model, looked up once (not per token)."""
+    return (TTFT.labels(model_name=model), ITL.labels(model_name=model),
+            GENERATION_TOKENS.labels(model_name=model))
+
+
 class RequestMetrics:
     """Timings and counts of one request, fed with each delta it streams."""
 
@@ -53,6 +62,7 @@ class RequestMetrics:
         self.model = model
         self.started = time.perf_counter()
         self.last: float | None = None
+        self.ttft, self.itl, self.generated = _children(model)
         PROMPT_TOKENS.labels(model_name=model).inc(prompt_tokens)
 
     def on_delta(self, delta: Delta) -> None:
@@ -61,14 +71,13 @@ class RequestMetrics:
             return
         now = time.perf_counter()
         if self.last is None:
-            TTFT.labels(model_name=self.model).observe(now - self.started)
+            self.ttft.observe(now - self.started)
         else:
             gap = (now - self.last) / count
-            itl = ITL.labels(model_name=self.model)
             for _ in range(count):
-                itl.observe(gap)
+                self.itl.observe(gap)
         self.last = now
-        GENERATION_TOKENS.labels(model_name=self.model).inc(len(delta.token_ids))
+        self.generated.inc(count)
 
     def on_finish(self, finish_reason: str) -> None:
         E2E.labels(model_name=self.model).observe(time.perf_counter() - self.started)

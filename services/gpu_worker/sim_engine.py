@@ -15,6 +15,8 @@ model at. It is never the default and always says it is simulated.
   model's vocabulary (read from `tokenizer.json` when a model directory is
   given), so they detokenize as text. It never emits EOS; `stop_token_ids` end
   a choice as they would on a real model.
+- `fail_after_tokens` makes the engine die (for failure tests): in-flight
+  streams fail with EngineDead and the worker exits non-zero.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from infermesh.common.errors import EngineDead
 from infermesh.gpu_worker.engine import (
     Delta,
     Engine,
@@ -53,6 +56,8 @@ class SimOptions:
     kv_capacity_tokens: int = 1_048_576
     block_size: int = 16
     max_model_len: int = 0  # 0: the model's own (or 8192 without a model directory)
+    # Failure injection: the engine dies after generating this many tokens in all (0: never).
+    fail_after_tokens: int = 0
 
 
 @dataclass
@@ -109,6 +114,8 @@ class SimEngine(Engine):
         self._running = 0
         self._waiting = 0
         self._slot_freed = asyncio.Condition()
+        self._generated = 0
+        self._dead = False
 
     async def start(self) -> None:
         logger.info("simulated engine: ttft %.0f ms + %.3f ms/prompt token, itl %.0f ms, %d seqs, "
@@ -116,7 +123,7 @@ class SimEngine(Engine):
                     self.options.itl_ms, self.options.max_num_seqs, self.options.kv_capacity_tokens)
 
     def healthy(self) -> bool:
-        return True
+        return not self._dead
 
     def load(self) -> EngineLoad:
         used = sum(s.tokens * s.request.n for s in self._seqs.values() if not s.aborted)
@@ -148,6 +155,8 @@ class SimEngine(Engine):
             self._slot_freed.notify_all()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        if self._dead:
+            raise EngineDead("the simulated engine has failed")
         seq = _Seq(request)
         self._seqs[request.request_id] = seq
         admitted = False
@@ -178,6 +187,8 @@ class SimEngine(Engine):
             delay = due_at - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self._dead:
+                raise EngineDead("the simulated engine has failed")
             if seq.aborted:
                 for i in open_choices:
                     yield Delta(index=i, token_ids=[], finish_reason="abort", cached_tokens=cached)
@@ -191,6 +202,10 @@ class SimEngine(Engine):
                     open_choices.remove(i)
                 yield delta
             seq.tokens = len(req.prompt_ids) + due
+            self._generated += due - emitted
+            if self.options.fail_after_tokens and self._generated >= self.options.fail_after_tokens:
+                self._dead = True
+                logger.error("simulated engine failure after %d tokens", self._generated)
             emitted = due
 
     def _tokens(self, req: GenerateRequest, base: int, index: int, start: int, end: int) -> Delta:

@@ -179,7 +179,7 @@ class VllmEngine(Engine):
             raise EngineDead("the engine has failed")
         rid = request.request_id
         self._seqs[rid] = request.n
-        open_choices = request.n
+        finished: set[int] = set()
         stream = self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_ids),
                                    self.sampling_params(request), rid)
         try:
@@ -188,13 +188,18 @@ class VllmEngine(Engine):
                 for c in out.outputs:
                     delta = self._delta(c, cached, request.logprobs)
                     if delta.finish_reason is not None:
-                        open_choices -= 1
+                        finished.add(delta.index)
                     yield delta
+            # An aborted request's stream ends without a last output: close its choices here.
+            for index in range(request.n):
+                if index not in finished:
+                    finished.add(index)
+                    yield Delta(index=index, token_ids=[], finish_reason="abort")
         except EngineDeadError as exc:
             raise EngineDead("the engine has failed") from exc
         finally:
             await stream.aclose()
-            if open_choices > 0 and self.healthy():
+            if len(finished) < request.n and self.healthy():
                 await self.llm.abort(rid)
             self._seqs.pop(rid, None)
 

@@ -207,3 +207,18 @@ async def test_sigterm_drains_in_flight_and_refuses_new_work(sim_worker_factory)
         result = await in_flight
         assert len(result.ids) == 60 and result.finish == "length"
         assert await asyncio.to_thread(proc.wait, 10) == 0
+
+
+async def test_engine_failure_turns_not_serving_and_exits_non_zero(sim_worker_factory) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc = sim_worker_factory(sim_fail_after_tokens=20, sim_itl_ms=5)
+    channel, worker = stub(proc.address)
+    async with channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await generate(worker, [1, 2, 3], max_tokens=100)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "failed" in failed.value.details()
+    assert await asyncio.to_thread(proc.wait, 10) == 1
+    assert "the engine has failed; the worker stops" in proc.log()

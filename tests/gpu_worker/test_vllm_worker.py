@@ -187,3 +187,13 @@ async def test_metrics_under_vllm_names(worker, real_worker, prompts) -> None:
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
                  "vllm:e2e_request_latency_seconds_count", "vllm:kv_cache_usage_perc"):
         metric(after, name)
+
+
+async def test_abort_rpc_ends_the_stream_with_abort(worker, prompts) -> None:
+    call = worker.Generate(request(prompts[6], max_tokens=500, ignore_eos=True, request_id="abort-me"))
+    assert (await call.read()).token_ids
+    assert (await worker.Abort(worker_pb2.AbortRequest(request_id="abort-me"))).found
+    last = await asyncio.wait_for(call.read(), 5.0)
+    while last.finish_reason == "":
+        last = await asyncio.wait_for(call.read(), 5.0)
+    assert last.finish_reason == "abort" and await call.read() == grpc.aio.EOF
