@@ -78,10 +78,16 @@ def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_b
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    schema = json.dumps(openapi_schema()).encode()
+    schemas: dict[tuple[str, ...], bytes] = {}
 
     async def openapi(request: Request) -> Response:
-        return Response(schema, media_type="application/json")
+        try:
+            served = tuple(sorted(c.id for c in await backends.model_cards()))
+        except InfermeshError:
+            served = ()
+        if served not in schemas:
+            schemas[served] = json.dumps(openapi_schema(served)).encode()
+        return Response(schemas[served], media_type="application/json")
 
     async def not_found(request: Request, exc: Any) -> Response:
         if getattr(exc, "status_code", 404) == 405:

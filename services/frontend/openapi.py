@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
@@ -35,10 +36,15 @@ def _get(summary: str, codes: tuple[str, ...] = ("200",)) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {c: {"description": summary} for c in codes}}}
 
 
-def openapi_schema() -> dict[str, Any]:
+def openapi_schema(models: Sequence[str] = ()) -> dict[str, Any]:
+    """The schema; `models` (the served ones, when known) become the `model` field's allowed values."""
     _, defs = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
                                  ref_template="#/components/schemas/{model}")
     schemas = dict(defs.get("$defs", {}))
+    if models:
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            schemas[name]["properties"]["model"] = {"type": "string", "enum": list(models),
+                                                    "title": "Model"}
     schemas["Error"] = _ERROR
     return {
         "openapi": "3.1.0",

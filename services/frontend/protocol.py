@@ -6,6 +6,7 @@ Unknown extra fields are ignored, as vLLM does. Validation errors become HTTP
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +16,8 @@ from infermesh.v1 import common_pb2
 
 MAX_N = 16
 MAX_STOPS = 16
+UINT32 = 2 ** 32 - 1
+INT32 = 2 ** 31 - 1
 PRIORITIES = {"critical": common_pb2.PRIORITY_CRITICAL, "high": common_pb2.PRIORITY_HIGH,
               "normal": common_pb2.PRIORITY_NORMAL, "low": common_pb2.PRIORITY_LOW}
 
@@ -33,7 +36,7 @@ class ContentPart(_Model):
 
 
 class ChatMessage(_Model):
-    role: str = Field(min_length=1)
+    role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -55,19 +58,19 @@ class SamplingFields(_Model):
     """Fields shared by chat and completions."""
 
     model: str = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=UINT32)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=UINT32)]] | None = None
     seed: Annotated[int, Field(ge=-(2 ** 63), lt=2 ** 63)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=UINT32)] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -124,7 +127,7 @@ class SamplingFields(_Model):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=UINT32)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
@@ -153,7 +156,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=1, le=UINT32)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -190,6 +193,10 @@ def parse(model: type[SamplingFields], body: Any) -> Any:
     """Validates a decoded JSON body; InvalidRequest naming the first bad parameter."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("the request contains invalid Unicode (a lone surrogate)") from None
     try:
         return model.model_validate(body)
     except ValidationError as exc:
