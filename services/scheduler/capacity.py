@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
+
+
+REPLICA_MEMORY = 2.0
 
 
 class State(enum.IntEnum):
@@ -44,7 +48,17 @@ class WorkerCapacity:
     report: Any = None  # the latest LoadReport (for ListWorkers and metrics)
     pending: dict[str, int] = field(default_factory=dict)  # lease id -> tokens, not yet reported
     pending_tokens: int = 0
-    confirmed: set[str] = field(default_factory=set)  # our leases the worker reports running
+    confirmed: dict[str, int] = field(default_factory=dict)  # our leases the worker reports running
+    confirmed_tokens: int = 0
+    # Replicas sharing the worker (see `share`): this scheduler's lease-id prefix, the number of
+    # replicas with leases on the worker, and this one's rank among them.
+    replica: str = ""
+    replicas: int = 1
+    rank: int = 0
+    seen: dict[str, float] = field(default_factory=dict)  # replica prefix -> when last seen active
+    # The worker refused one of our leases: its numbers are stale (another replica took the room),
+    # so nothing more goes to it until its next report.
+    refused: bool = False
 
     @property
     def name(self) -> str:
@@ -65,8 +79,30 @@ class WorkerCapacity:
 
     def fits(self, tokens: int) -> bool:
         """True when a new lease of `tokens` fits now. Never overcommits."""
-        return (self.state is State.READY and self.free_seqs() >= 1
-                and self.free_tokens() >= tokens)
+        return (self.state is State.READY and not self.refused and self.free_seqs() >= 1
+                and self.free_tokens() >= tokens and self.within_share(tokens))
+
+    def share(self) -> tuple[int, int]:
+        """This replica's share of the worker (sequences, KV tokens) while others use it too.
+
+        Every replica reads the same snapshot of the worker's active leases, so all agree on how
+        many replicas use it and on their ranks (lease ids start with the replica's prefix); each
+        keeps its own leases (running and pending) within 1/k of the worker, so together they
+        never exceed it, however their grants interleave between reports.
+        """
+        k, r = self.replicas, self.rank
+        seqs = len(range(r, self.max_num_seqs, k))
+        tokens = self.kv_capacity_tokens * (r + 1) // k - self.kv_capacity_tokens * r // k
+        return seqs, tokens
+
+    def within_share(self, tokens: int) -> bool:
+        if self.replicas <= 1:
+            return True
+        seqs, kv = self.share()
+        mine = len(self.pending) + len(self.confirmed)
+        if mine == 0 and (seqs == 0 or tokens > kv):
+            return True  # a share too small for even one request must not starve it
+        return mine + 1 <= seqs and self.pending_tokens + self.confirmed_tokens + tokens <= kv
 
     def reserve(self, lease_id: str, tokens: int) -> None:
         self.pending[lease_id] = tokens
@@ -74,7 +110,9 @@ class WorkerCapacity:
 
     def unreserve(self, lease_id: str) -> bool:
         """Forgets one of our leases; True when it was still pending."""
-        self.confirmed.discard(lease_id)
+        held = self.confirmed.pop(lease_id, None)
+        if held is not None:
+            self.confirmed_tokens -= held
         tokens = self.pending.pop(lease_id, None)
         if tokens is None:
             return False
@@ -91,7 +129,7 @@ class WorkerCapacity:
         self.block_size = block_size or self.block_size
         self.simulated = simulated
 
-    def apply_report(self, report: Any) -> tuple[list[str], list[str]]:
+    def apply_report(self, report: Any, now: float = 0.0) -> tuple[list[str], list[str]]:
         """Takes a LoadReport; returns (our leases the worker now holds, our leases it finished)."""
         self.report = report
         self.worker_id = report.worker_id or self.worker_id
@@ -107,6 +145,9 @@ class WorkerCapacity:
         self.committed_tokens = report.committed_tokens
         self.held_seqs = max(report.running + report.waiting, len(report.leases_active))
         self.state = State.DRAINING if report.draining else State.READY
+        self.refused = False
+        if self.replica:
+            self._count_replicas(report.leases_active, now)
         finished = [lid for lid in report.leases_finished if lid in self.pending or lid in self.confirmed]
         for lid in finished:
             self.unreserve(lid)
@@ -117,13 +158,28 @@ class WorkerCapacity:
         if self.pending:
             started = [lid for lid in active if lid in self.pending]
             for lid in started:
-                self.pending_tokens -= self.pending.pop(lid)
-                self.confirmed.add(lid)
+                tokens = self.pending.pop(lid)
+                self.pending_tokens -= tokens
+                self.confirmed[lid] = tokens
+                self.confirmed_tokens += tokens
         # A confirmed lease missing from the snapshot has ended (its finish may have been missed).
         gone = [lid for lid in self.confirmed if lid not in active]
         for lid in gone:
-            self.confirmed.discard(lid)
+            self.confirmed_tokens -= self.confirmed.pop(lid)
         return started, finished + gone
+
+    def _count_replicas(self, leases_active: Sequence[str], now: float) -> None:
+        # A replica counts while it had a lease here within REPLICA_MEMORY seconds, so that
+        # membership (and everyone's share) does not flap as its leases come and go.
+        seen = self.seen
+        for lid in leases_active:
+            seen[lid.partition("-")[0]] = now
+        seen[self.replica] = now
+        for prefix in [p for p, t in seen.items() if now - t > REPLICA_MEMORY]:
+            del seen[prefix]
+        ranked = sorted(seen)
+        self.replicas = len(ranked)
+        self.rank = ranked.index(self.replica)
 
     def lose(self) -> list[str]:
         """The worker is unreachable: every lease on it ends; returns their ids."""
@@ -131,6 +187,8 @@ class WorkerCapacity:
         ids = [*self.pending, *self.confirmed]
         self.pending.clear()
         self.confirmed.clear()
-        self.pending_tokens = 0
+        self.pending_tokens = self.confirmed_tokens = 0
+        self.replicas, self.rank = 1, 0
+        self.seen.clear()
         self.running = self.waiting = self.held_seqs = self.committed_tokens = 0
         return ids

@@ -66,7 +66,7 @@ class Dispatcher:
     def worker(self, address: str) -> WorkerCapacity:
         w = self.workers.get(address)
         if w is None:
-            w = self.workers[address] = WorkerCapacity(address)
+            w = self.workers[address] = WorkerCapacity(address, replica=self.leases.prefix)
         return w
 
     def _model(self, name: str) -> ModelInfo:
@@ -93,7 +93,7 @@ class Dispatcher:
     def on_report(self, address: str, report: Any) -> None:
         w = self.worker(address)
         before = w.state
-        started, ended = w.apply_report(report)
+        started, ended = w.apply_report(report, self.clock())
         for lease_id in started:
             self.leases.mark_started(lease_id)
         for lease_id in ended:
@@ -267,6 +267,8 @@ class Dispatcher:
             return False
         w = self.workers.get(lease.address)
         if w is not None and w.unreserve(lease_id):
+            if how == "worker_failed":
+                w.refused = True  # refused before it started: wait for the worker's next report
             self.dispatch(w.model)
         metrics.LEASES_ENDED.labels(how).inc()
         return True

@@ -32,7 +32,7 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self._expiry: list[tuple[float, str]] = []
         # Unique across scheduler replicas and restarts: a random prefix and a counter.
-        self._prefix = os.urandom(6).hex()
+        self.prefix = os.urandom(6).hex()
         self._counter = itertools.count(1)
 
     def __len__(self) -> int:
@@ -45,7 +45,7 @@ class LeaseTable:
         return self._leases.get(lease_id)
 
     def grant(self, address: str, worker_id: str, tokens: int, now: float, ttl: float) -> Lease:
-        lease = Lease(f"{self._prefix}-{next(self._counter):x}", address, worker_id, tokens, now, now + ttl)
+        lease = Lease(f"{self.prefix}-{next(self._counter):x}", address, worker_id, tokens, now, now + ttl)
         self._leases[lease.lease_id] = lease
         heapq.heappush(self._expiry, (lease.expires_at, lease.lease_id))
         return lease

@@ -45,28 +45,35 @@ class WorkerWatch:
         self.backoff = backoff
         self.attempted = asyncio.Event()  # the first connection attempt is over
         self.task: asyncio.Task[None] | None = None
+        self.stopped = False
+        self._reported = False
+        self._call: grpc.aio.UnaryStreamCall | None = None
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name=f"watch {self.address}")
 
     async def stop(self) -> None:
+        self.stopped = True
+        if self._call is not None:
+            self._call.cancel()  # ends a pending read at once
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            # gRPC may report the cancellation as a CANCELLED RpcError; `stopped` ends the loop then.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self.task, 2.0)
 
     async def run(self) -> None:
         delay = self.backoff[0]
-        while True:
-            got_report = False
+        while not self.stopped:
+            self._reported = False
             try:
-                async for _ in self._watch_once():
-                    got_report = True
-                    self.attempted.set()
+                await self._watch_once()
                 reason = "stream ended"
             except asyncio.CancelledError:
                 raise
             except grpc.RpcError as exc:
+                if self.stopped:
+                    return
                 reason = f"{exc.code().name if hasattr(exc, 'code') else 'error'}"
             except TimeoutError:
                 reason = f"no load report for {self.stale_after:.1f}s"
@@ -75,22 +82,25 @@ class WorkerWatch:
                 reason = type(exc).__name__
             self.dispatcher.on_lost(self.address, reason)
             self.attempted.set()
-            delay = self.backoff[0] if got_report else min(self.backoff[1], delay * 2)
+            delay = self.backoff[0] if self._reported else min(self.backoff[1], delay * 2)
             await asyncio.sleep(delay)
 
-    async def _watch_once(self):  # type: ignore[no-untyped-def]
+    async def _watch_once(self) -> None:
         async with channel(self.address) as ch:
             stub = worker_pb2_grpc.WorkerStub(ch)
             info = await stub.Info(worker_pb2.InfoRequest(), timeout=max(1.0, self.stale_after))
             self.dispatcher.on_info(self.address, info)
-            call = stub.WatchLoad(worker_pb2.WatchLoadRequest(watcher=self.watcher, interval_ms=self.interval_ms))
+            call = self._call = stub.WatchLoad(
+                worker_pb2.WatchLoadRequest(watcher=self.watcher, interval_ms=self.interval_ms))
             try:
                 while True:
                     report = await asyncio.wait_for(call.read(), self.stale_after)
                     if report is grpc.aio.EOF:
                         return
                     self.dispatcher.on_report(self.address, report)
-                    yield report
+                    if not self._reported:
+                        self._reported = True
+                        self.attempted.set()
             finally:
                 call.cancel()
 

@@ -135,3 +135,38 @@ def test_never_overcommit(ops, policy, shapes) -> None:
             tokens = sum(fw.held.values()) + foreign[address][1] + sum(t for _, t in mine)
             assert seqs <= fw.max_num_seqs, (address, seqs)
             assert tokens <= fw.kv_capacity_tokens, (address, tokens)
+
+
+def test_two_replicas_split_a_shared_worker_instead_of_racing_for_it() -> None:
+    from infermesh.v1 import worker_pb2
+
+    one, two = dispatcher(), dispatcher()
+    held: dict[str, int] = {}
+
+    def report() -> None:
+        msg = worker_pb2.LoadReport(worker_id="w", model="m", running=len(held), max_num_seqs=4,
+                                    kv_capacity_tokens=1000, committed_tokens=sum(held.values()),
+                                    leases_active=list(held))
+        for d in (one, two):
+            d.on_report("w:1", msg)
+
+    for d in (one, two):
+        d.on_info("w:1", worker_pb2.WorkerInfo(worker_id="w", model="m", max_num_seqs=4, kv_capacity_tokens=1000))
+    report()
+    first = [one.place(Ticket(model="m", tokens=100)), two.place(Ticket(model="m", tokens=100))]
+    for lease in first:
+        held[lease.lease_id] = 100
+    report()  # both replicas now see each other on the worker: 2 of 4 sequences each
+    assert (one.workers["w:1"].replicas, two.workers["w:1"].replicas) == (2, 2)
+    grants = []
+    for _ in range(3):  # with stale reports, each takes only its own half
+        grants += [x for x in (one.place(Ticket(model="m", tokens=100)), two.place(Ticket(model="m", tokens=100)))
+                   if x is not None]
+    assert len(grants) == 2 and len(held) + len(grants) == 4
+    # Tokens are shared the same way: 500 each.
+    for lease in grants:
+        held[lease.lease_id] = 100
+    held.pop(first[0].lease_id)
+    report()
+    assert one.place(Ticket(model="m", tokens=450)) is None  # its half has 400 left
+    assert one.place(Ticket(model="m", tokens=300)) is not None

@@ -206,3 +206,15 @@ async def test_a_lost_worker_releases_its_leases() -> None:
     assert d.pending_leases("a:1") == 0
     for _ in range(3):
         assert (await d.admit(ticket())).lease.address == b.address
+
+
+async def test_a_refused_lease_holds_the_worker_back_until_its_next_report() -> None:
+    d = dispatcher()
+    w = FakeWorker(d, "a:1", max_num_seqs=4)
+    lease = (await d.admit(ticket())).lease
+    # Another replica took the room first: the worker refused our lease.
+    assert d.release(lease.lease_id, "worker_failed")
+    assert d.place(ticket()) is None
+    w.report(extra_running=3)
+    assert d.place(ticket()) is not None  # the report tells what is really free
+    assert d.place(ticket()) is None
