@@ -14,7 +14,6 @@ import sys
 from collections.abc import Sequence
 
 from grpc_health.v1 import health_pb2
-
 from infermesh.supervisor.readiness import grpc_status, http_status
 
 

@@ -73,7 +73,7 @@ class Supervisor:
                 child.start()
             if not self._wait_ready(label, tier):
                 return False
-            self.say(f"  {label} ready ({time.monotonic() - began:.0f} s)")
+            self.say(f"  ready: {label} ({time.monotonic() - began:.0f} s)")
         return not self.stop_requested
 
     def _wait_ready(self, label: str, tier: list[Child]) -> bool:
@@ -129,9 +129,8 @@ class Supervisor:
                 self.say(f"{child.name} restarted (pid {child.pid})")
             else:
                 child.restart_at = now + 0.5
-        elif child.running() and not child.healthy and check_health:
-            if child.check_ready():
-                self.say(f"{child.name} is ready again ({now - child.started_at:.0f} s after its restart)")
+        elif child.running() and not child.healthy and check_health and child.check_ready():
+            self.say(f"{child.name} is ready again ({now - child.started_at:.0f} s after its restart)")
 
     # -- stop ------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from infermesh.supervisor import envoy_config
+
 from tests.deploy.envoy_proc import validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,8 @@ def test_rendered_for_up_with_several_frontends_is_valid(tmp_path: Path) -> None
 
 def test_deploy_files_are_current() -> None:
     for path, text in envoy_config.rendered_variants().items():
-        assert (ROOT / path).read_text() == text, f"{path} is stale: python -m infermesh.supervisor.envoy_config --write"
+        assert (ROOT / path).read_text() == text, \
+            f"{path} is stale: python -m infermesh.supervisor.envoy_config --write"
     assert envoy_config.main(["--root", str(ROOT)]) == 0
 
 
