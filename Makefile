@@ -15,15 +15,24 @@ VENV_STAMP := $(VENV)/.installed-$(EXTRA)
 ARGS       ?=
 PYTEST_ARGS ?=
 
-.PHONY: up test setup proto model bench lint clean
+.PHONY: up test setup proto model bench lint clean deps
 
 up: setup model
 	$(BIN)/infermesh up $(ARGS)
 
-test: setup model
+test: setup model deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(VENV_STAMP) $(GEN_STAMP)
+
+# System tools the tests use, from Debian's packages: a real Prometheus server
+# (and promtool) for the observability tests. Installed only when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deps:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing Debian's prometheus package (for the observability tests)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends prometheus >/dev/null; }
 
 model: setup
 	$(BIN)/infermesh prepare-model
