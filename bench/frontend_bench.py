@@ -29,9 +29,9 @@ from pathlib import Path
 import grpc
 import httpx
 import psutil
-
 from infermesh.common.model_prep import default_model_dir
 from infermesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
+
 from tests.fixtures.mesh import build_sim_mesh
 from tests.harness import ServiceProcess, free_port
 

@@ -8,12 +8,18 @@ import time
 from typing import Any
 
 import grpc
-
 from infermesh.common.channels import channel
 from infermesh.common.errors import InfermeshError, NotFound, Unavailable, from_rpc_error
+from infermesh.common.server import CHANNEL_OPTIONS
 from infermesh.frontend.detokenizer import TokenizerModel
-from infermesh.v1 import (common_pb2, scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc,
-                          worker_pb2_grpc)
+from infermesh.v1 import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+    worker_pb2_grpc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,9 @@ class Backends:
     def worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
         entry = self._workers.get(address)
         if entry is None:
-            ch = channel(address)
+            # No interceptors on the token path (they cost a task per streamed message); the caller
+            # passes the request id as metadata itself.
+            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             entry = (ch, worker_pb2_grpc.WorkerStub(ch))
             self._workers[address] = entry
         return entry[1]

@@ -8,9 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-
 from infermesh.common.context import REQUEST_ID_HEADER, new_request_id, set_request_id
 from infermesh.common.errors import InvalidRequest
 from infermesh.frontend import metrics
@@ -22,6 +19,8 @@ from infermesh.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from infermesh.frontend.responses import DONE, KEEPALIVE, ChatFormat, CompletionFormat
 from infermesh.frontend.serving import ServingOptions, now, start_generation
 from infermesh.v1 import common_pb2
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
 logger = logging.getLogger(__name__)
 

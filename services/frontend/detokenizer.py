@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from infermesh.common.errors import InfermeshError
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
-
-from infermesh.common.errors import InfermeshError
 
 
 class TokenizerModel:
@@ -62,13 +61,13 @@ class Detokenizer:
         if len(ids) == 1:
             try:
                 return step(tok, ids[0]) or ""
-            except Exception as exc:  # noqa: BLE001 - an id outside the vocabulary
+            except Exception as exc:
                 raise InfermeshError(f"cannot decode token id {ids[0]}: {exc}") from None
         parts = []
         for token_id in ids:
             try:
                 piece = step(tok, token_id)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise InfermeshError(f"cannot decode token id {token_id}: {exc}") from None
             if piece:
                 parts.append(piece)

@@ -12,8 +12,16 @@ import math
 from http import HTTPStatus
 from typing import Any
 
-from infermesh.common.errors import (Cancelled, DeadlineExceeded, InfermeshError, InvalidRequest, NotFound,
-                                     Overloaded, Unauthenticated, Unavailable)
+from infermesh.common.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InfermeshError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
 
 
 class PayloadTooLarge(InvalidRequest):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
+from infermesh.common.context import request_metadata
 from infermesh.common.errors import Cancelled, InfermeshError, Unavailable, from_rpc_error
 from infermesh.common.prefix import block_hashes
 from infermesh.frontend import metrics
@@ -169,7 +169,7 @@ class Generation:
             self._fail(exc)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - reported to the client as a 503, logged here
+        except Exception as exc:
             logger.exception("generation failed")
             self._fail(Unavailable(f"generation failed: {type(exc).__name__}"))
 
@@ -222,7 +222,8 @@ class Generation:
             context=common_pb2.RequestContext(request_id=inp.request_id, tenant=inp.tenant, priority=inp.priority),
             model=inp.model, lease_id=lease.lease_id, prompt_ids=inp.prompt_ids, generated_ids=generated,
             sampling=sampling)
-        call = self.backends.worker(lease.worker_address).Generate(request)
+        call = self.backends.worker(lease.worker_address).Generate(request,
+                                                                  metadata=request_metadata(inp.request_id))
         received = False
         choices = self.choices
         try:

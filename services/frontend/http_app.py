@@ -6,13 +6,6 @@ import json
 import logging
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from infermesh.common.errors import InfermeshError
 from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
@@ -21,6 +14,12 @@ from infermesh.frontend.completions_api import CompletionsApi
 from infermesh.frontend.errors import RouteNotFound, error_body, http_status, retry_after_header
 from infermesh.frontend.openapi import openapi_schema
 from infermesh.frontend.serving import ServingOptions
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic.json_schema import models_json_schema
-
 from infermesh.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from pydantic.json_schema import models_json_schema
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from infermesh.frontend.detokenizer import TokenizerModel
 
 TEXTS = ["héllo wörld", "日本語のテキスト", "emoji 😀🎉 and 👩‍👩‍👧 family", "Ελληνικά, русский, العربية",

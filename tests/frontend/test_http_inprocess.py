@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
 from infermesh.frontend.http_app import create_app
 from infermesh.frontend.serving import ServingOptions
+
 from tests.harness import free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -104,17 +104,17 @@ def test_logprobs(client: openai.OpenAI, real_mesh: Mesh) -> None:
 
 async def test_disconnect_returns_the_engine_to_idle_within_2s(real_mesh: Mesh, real_worker) -> None:
     running = lambda: metric_value(real_worker.metrics_text(), "vllm:num_requests_running")  # noqa: E731
-    async with httpx.AsyncClient(base_url=real_mesh.url, timeout=120) as http:
-        async with http.stream("POST", "/v1/completions", json={
-                "model": real_mesh.model, "prompt": "Write a long essay about rivers.", "max_tokens": 400,
-                "ignore_eos": True, "stream": True}) as reply:
-            tokens = 0
-            async for line in reply.aiter_lines():
-                if line.startswith("data: ") and '"text":""' not in line:
-                    tokens += 1
-                    if tokens >= 2:
-                        break
-            assert running() == 1
+    body = {"model": real_mesh.model, "prompt": "Write a long essay about rivers.", "max_tokens": 400,
+            "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(base_url=real_mesh.url, timeout=120) as http, \
+            http.stream("POST", "/v1/completions", json=body) as reply:
+        tokens = 0
+        async for line in reply.aiter_lines():
+            if line.startswith("data: ") and '"text":""' not in line:
+                tokens += 1
+                if tokens >= 2:
+                    break
+        assert running() == 1
     took = await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0)
     assert took < 2.0
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import pytest
-
-from infermesh.common.errors import (DeadlineExceeded, InfermeshError, InvalidRequest, NotFound, Overloaded,
-                                     Unauthenticated, Unavailable)
+from infermesh.common.errors import (
+    DeadlineExceeded,
+    InfermeshError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.errors import PayloadTooLarge, error_body, http_status, retry_after_header
 from infermesh.frontend.grpc_api import validate_sampling

@@ -29,7 +29,7 @@ async def test_kill_9_of_a_worker_under_50_streams_loses_no_stream(sim_mesh_fact
         victim.kill()
         results = await asyncio.gather(*streams)
         references = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
-    for result, reference in zip(results, references):
+    for result, reference in zip(results, references, strict=True):
         assert result.status == 200
         assert not result.errors, result.errors
         assert result.events[-1] == "[DONE]"
@@ -71,14 +71,14 @@ async def test_a_disconnect_cancels_the_worker_stream(sim_mesh_factory) -> None:
     mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20)
     worker_port = mesh.workers[0].metrics_port
     running = lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")  # noqa: E731
-    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
-        async with client.stream("POST", "/v1/completions", json={
-                "model": mesh.model, "prompt": PROMPT, "max_tokens": 2000, "stream": True}) as reply:
-            async for line in reply.aiter_lines():
-                if line.startswith("data: "):
-                    break
-            assert running() == 1
-        # The connection is closed here; the client is gone.
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 2000, "stream": True}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client, \
+            client.stream("POST", "/v1/completions", json=body) as reply:
+        async for line in reply.aiter_lines():
+            if line.startswith("data: "):
+                break
+        assert running() == 1
+    # The connection is closed here; the client is gone.
     took = await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0)
     assert took < 2.0
     assert metric_value(httpx.get(mesh.url + "/metrics").text, "infermesh_active_streams") == 0

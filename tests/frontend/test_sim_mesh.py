@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import grpc
@@ -10,8 +9,8 @@ import httpx
 import openai
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
 from tests.fixtures.mesh import Mesh, http_get, start_frontend
 from tests.frontend.sse import metric_value, stream_sse
 from tests.harness import free_port

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from infermesh.frontend.stop import StopMatcher
 
 
@@ -60,7 +59,7 @@ def test_stop_at_the_very_start() -> None:
        cuts=st.lists(st.integers(0, 30), max_size=8))
 def test_any_split_matches_searching_the_whole_text(text: str, stops: list[str], cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
     found = [i for i in (text.find(s) for s in stops) if i != -1]
     expected = text[:min(found)] if found else text
     out, _, stopped = run(stops, pieces)
