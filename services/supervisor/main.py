@@ -102,10 +102,13 @@ def resolve_model(config: UpConfig) -> Path:
         if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
             raise ConfigError(f"{path} is not a model directory (it needs config.json and tokenizer.json)")
         return path
-    from infermesh.common.model_prep import prepare_default_model
+    from infermesh.common.model_prep import default_model_dir, is_complete, prepare_default_model
 
+    if is_complete(default_model_dir()):
+        _say(f"model: {default_model_dir()}")
+        return default_model_dir()
     began = time.monotonic()
-    _say("preparing the default model (first use only) ...")
+    _say("preparing the default model (once; it is reused afterwards) ...")
     path = prepare_default_model()
     _say(f"  model ready: {path} ({time.monotonic() - began:.0f} s)")
     return path

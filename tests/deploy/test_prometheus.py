@@ -44,7 +44,7 @@ def prometheus_binary() -> str:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    up = UpProcess(tmp_path_factory.mktemp("prom-mesh"), workers=2).start()
+    up = UpProcess(tmp_path_factory.mktemp("prom-mesh"), workers=2, frontends=2).start()
     try:
         up.wait_up()
         yield up
@@ -129,7 +129,7 @@ def traffic(up: UpProcess, model: str) -> None:
 
 
 def test_prometheus_scrapes_every_service(mesh: UpProcess, prometheus: str) -> None:
-    expected = {"tokenizer": 1, "scheduler": 1, "worker": 2, "frontend": 1, "envoy": 1}
+    expected = {"tokenizer": 1, "scheduler": 1, "worker": 2, "frontend": 2, "envoy": 1}
 
     def all_up() -> list[dict[str, Any]] | None:
         targets = api(prometheus, "targets")["activeTargets"]
@@ -142,7 +142,7 @@ def test_prometheus_scrapes_every_service(mesh: UpProcess, prometheus: str) -> N
         jobs[target["labels"]["job"]] = jobs.get(target["labels"]["job"], 0) + 1
     assert jobs == expected
     result = api(prometheus, "query", query="up")["result"]
-    assert sorted(float(r["value"][1]) for r in result) == [1.0] * 6
+    assert sorted(float(r["value"][1]) for r in result) == [1.0] * 7
 
 
 def dashboard_metrics() -> set[str]:
