@@ -87,7 +87,7 @@ def test_never_overcommit(ops, policy, shapes) -> None:
     d = dispatcher(policy, clock, lease_ttl=10.0)
     workers = {}
     foreign = {}
-    for address, (seqs, kv, other) in zip(["a:1", "b:1", "c:1"], shapes):
+    for address, (seqs, kv, other) in zip(["a:1", "b:1", "c:1"], shapes, strict=True):
         workers[address] = FakeWorker(d, address, max_num_seqs=seqs, kv_capacity_tokens=kv)
         foreign[address] = (min(other, seqs - 1), min(other * 50, kv // 2))  # another scheduler's steady load
         workers[address].report(extra_running=foreign[address][0], extra_tokens=foreign[address][1])

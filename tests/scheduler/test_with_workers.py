@@ -153,8 +153,8 @@ async def test_capacity_is_never_exceeded_under_500_concurrent_admissions(
     # 500 at once overflow the 128-place queue: refused at once, each with a retry-after hint.
     assert mesh.rejected and all(h is not None and h > 0 for h in mesh.rejected)
     text = metrics_text(scheduler)
-    assert 'infermesh_scheduler_admitted_total{model="%s"} 500.0' % model_name in text
-    assert 'infermesh_scheduler_rejected_total{reason="queue_full"} %d.0' % len(mesh.rejected) in text
+    assert f'infermesh_scheduler_admitted_total{{model="{model_name}"}} 500.0' in text
+    assert f'infermesh_scheduler_rejected_total{{reason="queue_full"}} {len(mesh.rejected)}.0' in text
     assert 'infermesh_scheduler_routing_decisions_total{outcome="least_loaded",policy="least_load"} 500.0' in text
     assert f'infermesh_scheduler_queue_depth{{model="{model_name}",priority="normal"}} 0.0' in text
     assert "infermesh_scheduler_queue_time_seconds_count" in text
@@ -284,3 +284,16 @@ async def test_unknown_model_and_no_workers(scheduler_factory, sim_worker_factor
     finally:
         await mesh.close()
     assert wait_workers(scheduler.address, 1, UNREACHABLE)
+
+
+async def test_workers_found_by_dns_name(sim_worker_factory, scheduler_factory, model_name: str) -> None:
+    worker = sim_worker_factory(max_num_seqs=2)
+    scheduler = scheduler_factory([], workers_dns=f"localhost:{worker.port}", dns_interval=0.2)
+    ready = wait_workers(scheduler.address, 1)
+    assert [w.address for w in ready] == [worker.address]  # localhost resolved to 127.0.0.1
+    mesh = Mesh(model_name)
+    try:
+        lease = await mesh.admit(scheduler.address)
+        assert lease.worker_address == worker.address
+    finally:
+        await mesh.close()
