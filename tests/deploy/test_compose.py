@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy.debian import ensure_prometheus
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose"
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
@@ -121,8 +123,7 @@ def test_mounted_files_exist(compose: dict[str, Any]) -> None:
 
 
 def test_prometheus_config_passes_promtool() -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool comes with Debian's prometheus package (make deps)"
+    _, promtool = ensure_prometheus()
     result = subprocess.run([promtool, "check", "config", "--syntax-only", str(COMPOSE / "prometheus.yml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def envoy_configs() -> list[Path]:
     """Every YAML file in the repository that is an Envoy bootstrap."""
     found = []
-    for path in sorted(ROOT.glob("deploy/**/*.y*ml")):
+    skip = {".venv", ".git", "node_modules", "build", ".pytest_cache"}
+    for path in sorted(p for p in ROOT.rglob("*.y*ml") if not skip & set(p.relative_to(ROOT).parts)):
         docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
         if any("static_resources" in d for d in docs):
             found.append(path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -21,25 +20,13 @@ import httpx
 import pytest
 import yaml
 
+from tests.deploy.debian import ensure_prometheus
 from tests.deploy.grpc_reflect import ReflectedClient
 from tests.harness import free_port
 from tests.supervisor.up_process import UpProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "infermesh-dashboard.json"
-
-
-def prometheus_binary() -> str:
-    """Debian's prometheus, installed here if missing (as `make deps` does)."""
-    found = shutil.which("prometheus")
-    if found is None and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], env=env,
-                       check=False, timeout=600, capture_output=True)
-        found = shutil.which("prometheus")
-    assert found, "Debian's prometheus package is needed: make deps (apt-get install prometheus)"
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +60,7 @@ def scrape_config(up: UpProcess) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def prometheus(mesh: UpProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = prometheus_binary()
+    binary, _ = ensure_prometheus()
     work = tmp_path_factory.mktemp("prometheus")
     (work / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(mesh)))
     port = free_port()
