@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from infermesh.common.context import REQUEST_ID_HEADER, new_request_id, set_request_id
-from infermesh.common.errors import InvalidRequest
+from infermesh.common.errors import Cancelled, InvalidRequest
 from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
@@ -25,6 +25,11 @@ from starlette.responses import Response, StreamingResponse
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class CompletionsApi:
@@ -78,7 +83,7 @@ class CompletionsApi:
         fmt = fmt_cls(("chatcmpl-" if chat else "cmpl-") + request_id, now(), req.model, gen.inp.tokenizer,
                       req.num_logprobs() is not None)
         if not req.stream:
-            return await self._whole(gen, fmt)
+            return await self._whole(request, gen, fmt)
         try:
             # A quick failure (queue full, no worker) still gets its HTTP status; a request that
             # waits longer commits to 200 and hears keep-alives until its first token.
@@ -91,12 +96,18 @@ class CompletionsApi:
         return StreamingResponse(self._sse(gen, fmt, req.include_usage), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
-    async def _whole(self, gen: Generation, fmt: ChatFormat | CompletionFormat) -> Response:
+    async def _whole(self, request: Request, gen: Generation, fmt: ChatFormat | CompletionFormat) -> Response:
         logprobs: dict[int, list[common_pb2.TokenLogprob]] = {}
         metrics.ACTIVE_STREAMS.labels(api="http").inc()
+        # The body has been read: the next ASGI message is the client going away.
+        gone = asyncio.get_running_loop().create_task(_disconnected(request))
+        gone.add_done_callback(lambda _: gen.wake())
         try:
             while not gen.done:
                 await gen.wait()
+                if gone.done():
+                    logger.info("client went away; cancelling the generation")
+                    raise Cancelled("the client disconnected")
                 for d in gen.take():
                     if d.logprobs:
                         logprobs.setdefault(d.index, []).extend(d.logprobs)
@@ -104,6 +115,7 @@ class CompletionsApi:
                 raise gen.error
             body = fmt.response(gen, logprobs)
         finally:
+            gone.cancel()
             metrics.ACTIVE_STREAMS.labels(api="http").dec()
             await gen.close()
         return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),

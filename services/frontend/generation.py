@@ -126,6 +126,10 @@ class Generation:
             if handle is not None:
                 handle.cancel()
 
+    def wake(self) -> None:
+        """Makes `wait` return (the reader has something else to look at)."""
+        self._changed.set()
+
     def take(self) -> list[Delta]:
         """Everything produced since the last call, one delta per choice that changed."""
         self._changed.clear()

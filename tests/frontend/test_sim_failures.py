@@ -100,3 +100,20 @@ async def test_no_worker_left_gives_an_error_event_after_the_stream_started(sim_
     assert len(result.errors) == 1
     assert result.errors[0]["error"]["type"] == "service_unavailable_error"
     assert result.events[-1] == "[DONE]"
+
+
+async def test_a_client_that_leaves_a_whole_response_cancels_it_too(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20)
+    worker_port = mesh.workers[0].metrics_port
+    running = lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")  # noqa: E731
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 2000}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        request = asyncio.create_task(client.post("/v1/completions", json=body))
+        await asyncio.to_thread(wait_for, lambda: running() == 1, 10)
+        request.cancel()  # the client gives up and closes its connection
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    took = await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0)
+    assert took < 2.0
+    after = httpx.post(mesh.url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
+    assert after.status_code == 200
