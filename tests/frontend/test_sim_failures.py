@@ -117,3 +117,19 @@ async def test_a_client_that_leaves_a_whole_response_cancels_it_too(sim_mesh_fac
     assert took < 2.0
     after = httpx.post(mesh.url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
     assert after.status_code == 200
+
+
+async def test_sigterm_drains_in_flight_streams_then_exits_0(sim_mesh_factory) -> None:
+    import signal
+
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20)
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 60, "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        task = asyncio.create_task(stream_sse(client, "/v1/completions", body))
+        port = mesh.workers[0].metrics_port
+        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(port), "vllm:num_requests_running") >= 1, 10)
+        mesh.frontend.signal(signal.SIGTERM)
+        result = await task
+    assert result.events[-1] == "[DONE]" and not result.errors
+    assert result.usage["completion_tokens"] == 60
+    assert await asyncio.to_thread(mesh.frontend.wait, 15) == 0
