@@ -242,8 +242,7 @@ class Generation:
                     self.cached_tokens = msg.cached_tokens
                 self._on_tokens(choice, msg)
                 if all(choices[i].finish_reason for i in indices):
-                    call.cancel()  # stop strings ended every choice: free the engine now
-                    return
+                    return  # stop strings may end every choice early: `finally` frees the engine
             if not all(choices[i].finish_reason for i in indices):
                 raise _WorkerFailed(grpc.StatusCode.UNAVAILABLE, "the stream ended before the choices finished")
         except grpc.RpcError as err:
@@ -254,16 +253,18 @@ class Generation:
             if code in _RETRY_CODES:
                 self.backends.release(lease.lease_id, scheduler_pb2.LEASE_OUTCOME_WORKER_FAILED)
                 raise _WorkerFailed(code, err.details() or code.name) from None
+            # The worker refused the request itself (a bad request): not the worker's failure.
+            self.backends.release(lease.lease_id, scheduler_pb2.LEASE_OUTCOME_CANCELLED)
             raise from_rpc_error(err) from None
         except _WorkerFailed:
-            call.cancel()
             self.backends.release(lease.lease_id, scheduler_pb2.LEASE_OUTCOME_WORKER_FAILED)
             raise
         except asyncio.CancelledError:
-            call.cancel()
             if not received:
                 self.backends.release(lease.lease_id, scheduler_pb2.LEASE_OUTCOME_CANCELLED)
             raise
+        finally:
+            call.cancel()  # however this ends, the worker stops generating for it (no-op when done)
 
     def _on_tokens(self, choice: Choice, msg: worker_pb2.GenerateTokensResponse) -> None:
         if choice.finish_reason:
