@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
+import grpc
 import httpx
 import pytest
+from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from tests.frontend.sse import metric_value, scrape, stream_sse, wait_for
 
@@ -120,8 +123,6 @@ async def test_a_client_that_leaves_a_whole_response_cancels_it_too(sim_mesh_fac
 
 
 async def test_sigterm_drains_in_flight_streams_then_exits_0(sim_mesh_factory) -> None:
-    import signal
-
     mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20)
     body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 60, "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
@@ -133,3 +134,18 @@ async def test_sigterm_drains_in_flight_streams_then_exits_0(sim_mesh_factory) -
     assert result.events[-1] == "[DONE]" and not result.errors
     assert result.usage["completion_tokens"] == 60
     assert await asyncio.to_thread(mesh.frontend.wait, 15) == 0
+
+
+async def test_a_cancelled_grpc_generate_cancels_the_worker_stream(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20)
+    port = mesh.workers[0].metrics_port
+    running = lambda: metric_value(scrape(port), "vllm:num_requests_running")  # noqa: E731
+    async with grpc.aio.insecure_channel(mesh.frontend.address) as channel:
+        call = inference_pb2_grpc.InferenceStub(channel).Generate(inference_pb2.GenerateRequest(
+            model=mesh.model, prompt=PROMPT, sampling=common_pb2.SamplingParams(max_tokens=2000)))
+        first = await call.read()
+        assert first.text or first.token_ids
+        assert running() == 1
+        call.cancel()
+    took = await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0)
+    assert took < 2.0

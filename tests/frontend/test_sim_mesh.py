@@ -217,3 +217,15 @@ def test_health_is_503_without_workers_and_requests_get_503(sim_mesh: Mesh, tmp_
         front.stop()
         empty.stop()
     assert json.loads(json.dumps(body))  # the health body is JSON
+
+
+async def test_completion_logprobs(sim_mesh: Mesh, http: httpx.AsyncClient) -> None:
+    body = {"model": sim_mesh.model, "prompt": "Count with me", "max_tokens": 6, "logprobs": 2, "seed": 1}
+    whole = (await http.post("/v1/completions", json=body)).json()
+    lp = whole["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == 6
+    assert "".join(lp["tokens"]) == whole["choices"][0]["text"]
+    assert all(len(top) >= 1 for top in lp["top_logprobs"])
+    streamed = await stream_sse(http, "/v1/completions", body)
+    tokens = [t for c in streamed.chunks for ch in c["choices"] if ch["logprobs"] for t in ch["logprobs"]["tokens"]]
+    assert tokens == lp["tokens"]
