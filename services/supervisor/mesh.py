@@ -112,7 +112,8 @@ class MeshBuilder:
         config = self.log_dir / "envoy.yaml"
         config.write_text(envoy_config.render(settings, "# Written by `infermesh up` for this run.\n"))
         argv = [str(binary), "-c", str(config), "--log-level", "warn", "--disable-hot-restart",
-                "--drain-time-s", "5"]
+                "--drain-time-s", "5",
+                "--file-flush-interval-msec", "1000"]
         ready = readiness.all_of(readiness.http_ok(f"http://127.0.0.1:{p.admin}/ready"),
                                  readiness.http_ok(f"http://{self._addr(p.edge)}/health"))
         return Child("envoy", "envoy", argv, self.log_dir / "envoy.log", ready, self.env, [p.edge, p.admin])

@@ -63,7 +63,7 @@ class EnvoyProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(envoy_binary()), "-c", str(self.config_path), "--log-level", "warn",
-                 "--disable-hot-restart", "--drain-time-s", "1"],
+                 "--disable-hot-restart", "--drain-time-s", "1", "--file-flush-interval-msec", "500"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
