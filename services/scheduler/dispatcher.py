@@ -104,6 +104,8 @@ class Dispatcher:
         if w.state is not before:
             self._reindex()
             logger.info("worker %s (%s) is %s", w.name, address, w.state.name.lower())
+            if w.state is State.DRAINING:
+                self._fail_if_unserved(w.model)
         metrics.observe_worker(w)
         self.dispatch(w.model)
 

@@ -218,3 +218,15 @@ async def test_a_refused_lease_holds_the_worker_back_until_its_next_report() -> 
     w.report(extra_running=3)
     assert d.place(ticket()) is not None  # the report tells what is really free
     assert d.place(ticket()) is None
+
+
+async def test_waiters_fail_fast_when_the_last_ready_worker_drains() -> None:
+    d = dispatcher()
+    w = FakeWorker(d, "a:1", max_num_seqs=1)
+    await d.admit(ticket())
+    waiter = asyncio.create_task(d.admit(ticket()))
+    await until(lambda: len(d.models["m"].queue) == 1)
+    w.draining = True
+    w.report()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(waiter, 1)
