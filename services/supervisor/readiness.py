@@ -24,7 +24,9 @@ def grpc_status(address: str, service: str = "", timeout: float = 1.0) -> int | 
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError:
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # the server does not know `service`
+                return int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return None
     return int(reply.status)
 

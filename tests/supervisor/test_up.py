@@ -135,3 +135,18 @@ def test_a_child_failing_at_start_up_stops_the_mesh(tmp_path: Path, model_dir: P
     assert str(tmp_path / "logs" / "tokenizer.log") in out
     assert "starting the scheduler" not in out
     assert all(port_free("127.0.0.1", port) for _, port in proc.plan.labelled())
+
+
+def test_ctrl_c_while_starting_leaves_nothing(tmp_path: Path) -> None:
+    proc = UpProcess(tmp_path, workers=2).start()
+    try:
+        proc.wait_for("starting workers", timeout=60)
+        proc.signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        proc.record_pids()
+    finally:
+        proc.cleanup()
+    assert code == 0
+    assert "infermesh is up" not in proc.output() and proc.output().rstrip().endswith("stopped")
+    assert proc.leftovers() == []
+    assert all(port_free("127.0.0.1", port) for _, port in proc.plan.labelled())
