@@ -230,8 +230,9 @@ class Generation:
                                                                   metadata=request_metadata(inp.request_id))
         received = False
         choices = self.choices
+        read = call.read
         try:
-            async for msg in call:
+            while (msg := await read()) is not grpc.aio.EOF:  # read() skips an async generator per message
                 received = True
                 choice = choices[indices[msg.index]] if msg.index < len(indices) else None
                 if choice is None:
