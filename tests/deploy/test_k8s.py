@@ -151,3 +151,10 @@ def test_envoy_prestop_drains_a_real_envoy(tmp_path: Path) -> None:
             assert yaml.safe_load(reply.read())["state"] == "DRAINING"
     finally:
         envoy.stop()
+
+
+def test_read_only_root_filesystems_have_a_writable_tmp(manifests: list[dict[str, Any]]) -> None:
+    for name, deployment in by_kind(manifests, "Deployment").items():
+        container = _container(deployment)
+        if container["securityContext"].get("readOnlyRootFilesystem") and name != "envoy":
+            assert "/tmp" in {m["mountPath"] for m in container.get("volumeMounts", [])}, name

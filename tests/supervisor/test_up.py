@@ -150,3 +150,18 @@ def test_ctrl_c_while_starting_leaves_nothing(tmp_path: Path) -> None:
     assert "infermesh is up" not in proc.output() and proc.output().rstrip().endswith("stopped")
     assert proc.leftovers() == []
     assert all(port_free("127.0.0.1", port) for _, port in proc.plan.labelled())
+
+
+def test_without_envoy_the_url_is_the_frontend(tmp_path: Path) -> None:
+    proc = UpProcess(tmp_path, "--no-envoy", workers=1).start()
+    try:
+        proc.wait_up()
+        url = f"http://127.0.0.1:{proc.plan.frontends[0].http}"
+        assert "infermesh is up after" in proc.output() and url in proc.output()
+        assert "grpcurl" not in proc.output() and not (tmp_path / "envoy.log").exists()
+        assert port_free("127.0.0.1", proc.plan.edge)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert proc.leftovers() == []
+    finally:
+        proc.cleanup()
