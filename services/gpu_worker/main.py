@@ -6,14 +6,17 @@ GPU host gets vLLM's own GPU defaults where ours say "auto"):
 - `--engine vllm` always; `sim` only when asked (its output is not a model's).
 - `--model`: the prepared default model; the model's name is its directory's
   name (the tokenizer service names it the same way), or NAME=DIR.
-- `--max-num-seqs 0` (auto): 64 on CPUs, where batches beyond that add no
-  tokens/s on a few cores and only stretch inter-token latency; vLLM's 256 on
-  GPUs; 256 for the simulated engine.
+- `--max-num-seqs 0` (auto): 64 on CPUs, where two cores already reach their
+  ~200-230 tokens/s at 16-32 streams and 64 leaves headroom for bursts while
+  bounding inter-token latency; vLLM's 256 on GPUs; 256 for the simulated engine.
 - `--kv-cache-gb 0` (auto): 4 GiB on CPUs (VLLM_CPU_KVCACHE_SPACE), which holds
-  ~180k tokens of the default model, enough for the admitted batch; on GPUs
-  vLLM's memory utilization (0.9). A value sets the KV cache size exactly.
+  ~186k tokens of the default model; on GPUs vLLM's memory utilization (0.9).
+  A value sets the KV cache size exactly.
 - `--enforce-eager` off: compiled graphs run faster but start slower (minutes
   on CPUs); tests turn it on to start in under a minute.
+- `--engine-stats` off: load reports come from the worker's own accounting;
+  vLLM's per-step statistics cost its engine process about a fifth of a core
+  here (see vllm_engine.py).
 - `--dtype auto` (the model's own, bf16 for the default model),
   `--tensor-parallel-size 1`, `--max-model-len 0` (the model's context window).
 - The simulated engine: 50 ms to the first token plus 0.02 ms per uncached
@@ -52,6 +55,8 @@ class WorkerConfig(ServiceConfig):
     dtype: str = option("auto", "Weights' dtype (auto: the model's own).")
     tensor_parallel_size: int = option(1, "GPUs per worker (tensor parallelism).")
     block_size: int = option(0, "KV block size in tokens (0: the engine's default; 16 for sim).")
+    engine_stats: bool = option(False, "vllm: read load from vLLM's per-step scheduler statistics (exact, "
+                                "but costs engine CPU) instead of the worker's own accounting.")
     sim_ttft_ms: float = option(50.0, "sim: time to first token in ms (plus the per-prompt-token cost).")
     sim_prompt_token_ms: float = option(0.02, "sim: prefill cost per uncached prompt token in ms.")
     sim_itl_ms: float = option(20.0, "sim: inter-token latency in ms.")
@@ -113,7 +118,8 @@ def build_engine(config: WorkerConfig) -> Engine:
     return VllmEngine(name, path, VllmOptions(
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, kv_cache_gb=config.kv_cache_gb,
         enforce_eager=config.enforce_eager, dtype=config.dtype,
-        tensor_parallel_size=config.tensor_parallel_size, block_size=config.block_size))
+        tensor_parallel_size=config.tensor_parallel_size, block_size=config.block_size,
+        engine_stats=config.engine_stats))
 
 
 async def serve(config: WorkerConfig) -> int:

