@@ -26,6 +26,7 @@ import random
 import statistics
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -105,6 +106,7 @@ def run_policy(policy: str, prompts: list[list[int]], args: argparse.Namespace, 
         model = list_workers(scheduler.address)[0].model
         out = asyncio.run(drive(scheduler.address, model, prompts, args.concurrency, args.max_tokens))
         reported = [w.load.prefix_cache_hit_rate for w in list_workers(scheduler.address)]
+        decisions = routing_decisions(scheduler.metrics_port)  # type: ignore[attr-defined]
     finally:
         scheduler.stop()
         for w in workers:
@@ -115,7 +117,19 @@ def run_policy(policy: str, prompts: list[list[int]], args: argparse.Namespace, 
             "ttft_mean_ms": statistics.mean(ttft) * 1e3, "ttft_p50_ms": percentile(ttft, 0.5) * 1e3,
             "ttft_p99_ms": percentile(ttft, 0.99) * 1e3, "requests_per_s": len(ttft) / out["elapsed"],
             "output_tokens_per_s": out["tokens"] / out["elapsed"],
-            "per_worker": sorted(out["by_worker"].values())}
+            "per_worker": sorted(out["by_worker"].values()), "decisions": decisions}
+
+
+def routing_decisions(metrics_port: int) -> dict[str, int]:
+    """The scheduler's routing decisions by outcome (from its /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("infermesh_scheduler_routing_decisions_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 async def admit_loop(address: str, model: str, total: int, concurrency: int, release: bool) -> dict:

@@ -76,16 +76,14 @@ class PrefixIndex:
         return len(self._blocks)
 
     def match(self, hashes: Sequence[int]) -> int:
-        """Leading blocks of `hashes` held: chained hashes make presence monotone, so bisect."""
-        lo, hi = 0, len(hashes)
+        """Leading blocks of `hashes` held (a scan: eviction may take any block of a chain first)."""
         blocks = self._blocks
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in blocks:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        n = 0
+        for h in hashes:
+            if h not in blocks:
+                break
+            n += 1
+        return n
 
     def insert(self, hashes: Sequence[int]) -> None:
         blocks = self._blocks

@@ -101,3 +101,12 @@ def test_a_lost_worker_forgets_its_cache() -> None:
         FakeWorker(d, "a:1", max_num_seqs=64, kv_capacity_tokens=100_000)
     # Back, but with an empty index: the prefix now lives on the other worker.
     assert d.place(Ticket(model="m", tokens=1100, prefix_hashes=hashes)).address == other
+
+
+def test_a_chain_missing_its_first_block_matches_nothing() -> None:
+    index = PrefixIndex(capacity_blocks=1000)
+    hashes = block_hashes(prompt(1, 1))
+    index.insert(hashes[1:])  # as after an LRU evicted the chain's head
+    assert index.match(hashes) == 0
+    index.insert(hashes[:1])
+    assert index.match(hashes) == len(hashes)
