@@ -114,7 +114,7 @@ async def test_disconnect_returns_the_engine_to_idle_within_2s(real_mesh: Mesh, 
                 tokens += 1
                 if tokens >= 2:
                     break
-        assert running() == 1
+        assert running() >= 1
     took = await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0)
     assert took < 2.0
 
