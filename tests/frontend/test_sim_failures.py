@@ -149,3 +149,18 @@ async def test_a_cancelled_grpc_generate_cancels_the_worker_stream(sim_mesh_fact
         call.cancel()
     took = await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0)
     assert took < 2.0
+
+
+async def test_a_matched_stop_string_frees_the_engine_at_once(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=10)
+    port = mesh.workers[0].metrics_port
+    running = lambda: metric_value(scrape(port), "vllm:num_requests_running")  # noqa: E731
+    body = {"model": mesh.model, "prompt": PROMPT, "seed": 11}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        text = (await client.post("/v1/completions", json={**body, "max_tokens": 20})).json()["choices"][0]["text"]
+        stop = text.split(" ")[10]  # a word some tokens in
+        reply = (await client.post("/v1/completions", json={**body, "max_tokens": 3000, "stop": [stop]})).json()
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] < 20
+    # Without cancelling, the engine would run the remaining ~2,990 tokens (30 s).
+    assert await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0) < 2.0
