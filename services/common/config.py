@@ -70,7 +70,9 @@ def _convert(raw: str | Sequence[str], typ: Any, name: str) -> Any:
             return None
         return _convert(raw, inner[0], name)
     if origin in (list, tuple):
-        items = raw if not isinstance(raw, str) else [x for x in raw.replace(",", " ").split() if x]
+        # Flags may repeat and each value may itself be a comma- or space-separated list.
+        values = [raw] if isinstance(raw, str) else list(raw)
+        items = [x for value in values for x in value.replace(",", " ").split()]
         return [_convert(x, args[0], name) for x in items]
     text: str = raw[-1] if isinstance(raw, (list, tuple)) else str(raw)
     if typ is bool:

@@ -41,6 +41,8 @@ def test_environment_then_flags_take_precedence() -> None:
     assert (config.port, config.names, config.eager, config.ratio) == (7000, ["x", "y"], True, 0.25)
     config = _parse(["--port", "8000", "--names", "z", "--names", "w", "--no-eager"], env)
     assert (config.port, config.names, config.eager) == (8000, ["z", "w"], False)
+    config = _parse(["--names", "a,b", "--names", "c d"], env)
+    assert config.names == ["a", "b", "c", "d"]
 
 
 def test_every_problem_is_reported_at_once() -> None:
