@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def main() -> None:
                                                                enforce_eager=not args.compiled))
     results = asyncio.run(compare(model_dir, engine, args.compiled, args.rounds,
                                   {1: args.requests_c1, 16: args.requests_c16}))
-    command = ".venv/bin/python -m bench.worker_bench" + (" --compiled" if args.compiled else "")
+    command = " ".join([".venv/bin/python -m bench.worker_bench", *sys.argv[1:]])
     print(write_report(Path(args.out), command, results, args.compiled, args.rounds))
 
 
