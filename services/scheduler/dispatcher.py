@@ -111,8 +111,8 @@ class Dispatcher:
 
     def on_lost(self, address: str, reason: str = "") -> None:
         """The worker's stream broke: exclude it at once and end its leases."""
-        w = self.workers.get(address)
-        if w is None or w.state is State.UNREACHABLE:
+        w = self.worker(address)  # a worker never reached is listed too, as unreachable
+        if w.state is State.UNREACHABLE:
             return
         ids = w.lose()
         for lease_id in ids:
@@ -126,9 +126,9 @@ class Dispatcher:
 
     def remove(self, address: str) -> None:
         """The worker left the configured set (DNS no longer lists it)."""
-        self.on_lost(address, "removed")
-        w = self.workers.pop(address, None)
-        if w is not None:
+        if address in self.workers:
+            self.on_lost(address, "removed")
+            del self.workers[address]
             self._reindex()
 
     def _fail_if_unserved(self, model: str) -> None:

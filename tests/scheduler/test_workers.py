@@ -36,5 +36,7 @@ async def test_re_resolution_adds_and_drops_workers() -> None:
         # Nothing listens on these: each is tried once and counts as unreachable.
         await asyncio.wait_for(pool.wait_first_attempts(timeout=5), 6)
         assert all(w.attempted.is_set() for w in pool.watches.values())
+        assert {a: w.state.name for a, w in d.workers.items()} == dict.fromkeys(
+            ["127.0.0.1:1", "10.0.0.2:50060", "10.0.0.3:50060"], "UNREACHABLE")
     finally:
         await pool.stop()
