@@ -80,6 +80,10 @@ class EdgeSettings:
     max_request_bytes: int = MAX_REQUEST_BYTES
 
 
+# Retries in flight per cluster (each is a request that never reached a frontend).
+MAX_RETRIES_IN_FLIGHT = 1024
+
+
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
@@ -103,6 +107,9 @@ def _cluster(name: str, settings: EdgeSettings, port_of: str, http2: bool) -> di
             "common_http_protocol_options": {"idle_timeout": "3600s"},
             "explicit_http_config": protocol,
         }},
+        # Envoy allows 3 retries in flight per cluster by default: a frontend
+        # that goes away under load would turn the 4th retry into a 503.
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_RETRIES_IN_FLIGHT}]},
         "health_checks": [{
             "timeout": "1s",
             "interval": "2s",
@@ -153,12 +160,14 @@ def _route(match: dict[str, Any], cluster: str) -> dict[str, Any]:
             # Retry only where the upstream cannot have seen the request.
             "retry_policy": {
                 "retry_on": "connect-failure,reset-before-request,refused-stream",
-                "num_retries": 2,
+                "num_retries": 3,
                 "retry_host_predicate": [{
                     "name": "envoy.retry_host_predicates.previous_hosts",
                     "typed_config": {"@type": T + "retry.host.previous_hosts.v3.PreviousHostsPredicate"},
                 }],
-                "host_selection_retry_max_attempts": 3,
+                # LEAST_REQUEST picks the better of two random hosts, and a dead
+                # frontend has no requests in flight: re-pick often enough to get past it.
+                "host_selection_retry_max_attempts": 10,
             },
         },
     }

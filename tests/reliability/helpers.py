@@ -66,6 +66,7 @@ class Load:
     clients: int = 8
     max_tokens: int = 20
     headers: dict[str, str] = field(default_factory=dict)
+    phase: str = ""
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
@@ -83,14 +84,16 @@ class Load:
             try:
                 result = await stream_sse(client, "/v1/completions", self.body(i), headers=self.headers)
             except httpx.HTTPError as exc:
-                self.failures.append(f"{type(exc).__name__}: {exc}")
+                self.failures.append(f"{self.phase}: {type(exc).__name__}: {exc}")
             else:
                 if stream_ok(result, self.max_tokens):
                     self.ok += 1
                     self.latencies.append(time.monotonic() - started)
                 else:
-                    self.failures.append(f"status {result.status} errors {result.errors} "
-                                         f"finish {result.finish() if result.status == 200 else None}")
+                    self.failures.append(f"{self.phase}: status {result.status} errors {result.errors} "
+                                         f"finish {result.finish() if result.status == 200 else None} "
+                                         f"from {result.headers.get('server', '?')} "
+                                         f"{result.headers.get('x-envoy-upstream-service-time', '')}")
             i += self.clients
 
     async def __aenter__(self) -> Load:
