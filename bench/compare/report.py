@@ -45,6 +45,14 @@ def machine() -> dict[str, Any]:
             "vllm": vllm_version, "torch": torch_version}
 
 
+def git_commit(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 def load_average() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -63,7 +71,7 @@ def markdown(doc: dict[str, Any], old_text: str = "") -> str:
            "Load generator: vLLM's own `vllm bench serve` (`vllm.benchmarks.serve`, called from Python because "
            "the CPU build's `vllm` console script does not run), streamed `/v1/completions`, EOS ignored, "
            "temperature 0. The overload scenario uses `bench/compare/overload.py` (see below).", "",
-           f"Command: `{doc['command']}`", "",
+           f"Command: `{doc['command']}` (mesh at commit {doc.get('commit', 'unknown')})", "",
            f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, no GPU; {m['platform']}; "
            f"Python {m['python']}, vLLM {m['vllm']} (CPU build), torch {m['torch']}. "
            f"Load average before / after the run: {doc.get('load_before')} / {doc.get('load_after')}.", "",

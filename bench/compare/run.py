@@ -75,12 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks")
     p.add_argument("--name", default="vs-vllm")
     p.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "infermesh-vs-vllm")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.concurrency, args.prompts, args.rounds = [1, 4], 8, 1
-        args.overload_seconds, args.prefix_prompts, args.drain = 15.0, 16, 15.0
-        args.sustain_prompts = 64
-    return args
+    if p.parse_known_args(argv)[0].quick:  # smaller defaults; options given still win
+        p.set_defaults(concurrency=[1, 4], prompts=8, rounds=1, overload_seconds=15.0, prefix_prompts=16,
+                       drain=15.0, sustain_prompts=64)
+    return p.parse_args(argv)
 
 
 def bench_argv(args: argparse.Namespace, url: str, model_dir: Path, name: str, **kw: Any) -> list[str]:
@@ -254,11 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     name = model_dir.name
     work = args.log_dir / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     env, vllm_extra, mesh_extra = engine_args(args)
     doc: dict[str, Any] = {
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": os.environ.get("INFERMESH_BENCH_COMMIT") or report.git_commit(ROOT),
         "machine": report.machine(), "load_before": report.load_average(),
         "sides": {"vllm": "vLLM's OpenAI server, `python -m vllm.entrypoints.openai.api_server --model DIR "
                           f"--served-model-name {name}` with its defaults and VLLM_CPU_KVCACHE_SPACE="
