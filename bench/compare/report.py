@@ -109,7 +109,8 @@ def markdown(doc: dict[str, Any], old_text: str = "") -> str:
         p = doc["prefix"]
         out += ["", "## 3. Shared prefixes on 2 workers", "",
                 f"vLLM's `prefix_repetition` dataset: {p['dataset']}; concurrency {p['concurrency']}, "
-                f"{p['rounds']} rounds alternating. vLLM side: {p['vllm_side']}. Mesh side: {p['mesh_side']}.",
+                f"{p['rounds']} rounds alternating. vLLM side: {p['vllm_side']}. Mesh side: {p['mesh_side']}. "
+                f"{p.get('engines', '')}.",
                 "", results.steady_table([p["point"]]), ""]
     out += ["", NOTES_MARK]
     if NOTES_MARK in old_text:

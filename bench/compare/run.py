@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-prefixes", type=int, default=4)
     p.add_argument("--prefix-output-len", type=int, default=32)
     p.add_argument("--kv-cache-gb", type=int, default=4, help="KV cache of every engine (both sides)")
+    p.add_argument("--prefix-kv-cache-gb", type=int, default=1,
+                   help="KV cache of each of the 4 engines of the prefix scenario (memory: 4 engines at once)")
     p.add_argument("--enforce-eager", action="store_true", help="both sides eager (faster start, slower steps)")
     p.add_argument("--vllm-url", default="", help="use this running vLLM server (steady, overload)")
     p.add_argument("--mesh-url", default="", help="use this running mesh (steady, overload)")
@@ -102,11 +104,12 @@ def run_jobs(jobs: list[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
     return [json.loads(Path(j["out"]).read_text()) for j in jobs]
 
 
-def engine_args(args: argparse.Namespace) -> tuple[dict[str, str], list[str], list[str]]:
+def engine_args(args: argparse.Namespace, kv_gb: int = 0) -> tuple[dict[str, str], list[str], list[str]]:
     """Environment and flags that give both sides the same engine settings."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gb)}
+    kv_gb = kv_gb or args.kv_cache_gb
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gb)}
     eager = ["--enforce-eager"] if args.enforce_eager else []
-    return env, eager, ["--kv-cache-gb", str(args.kv_cache_gb), *eager]
+    return env, eager, ["--kv-cache-gb", str(kv_gb), *eager]
 
 
 def steady(args, model_dir: Path, name: str, urls: dict[str, str], work: Path) -> dict[str, Any]:
@@ -194,7 +197,7 @@ def overload_scenario(args, model_dir: Path, name: str, urls: dict[str, str], wo
 
 
 def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, Any]:
-    env, vllm_extra, mesh_extra = engine_args(args)
+    env, vllm_extra, mesh_extra = engine_args(args, args.prefix_kv_cache_gb)
     vllms = [servers.vllm_server(model_dir, name, work, tag=f"vllm-{i}", env=env, extra=vllm_extra)
              for i in range(2)]
     mesh = servers.mesh(model_dir, work, workers=2, env=mesh_env(args), extra=mesh_extra)
@@ -234,7 +237,8 @@ def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, A
             "concurrency": args.prefix_concurrency, "rounds": args.rounds, "point": point, "per_round": rounds,
             "vllm_side": "two vLLM servers (same settings as above) behind a connection-level round-robin TCP "
                          "proxy (bench/compare/servers.py)",
-            "mesh_side": "`infermesh up --workers 2` (prefix-affinity routing, the scheduler's default)"}
+            "mesh_side": "`infermesh up --workers 2` (prefix-affinity routing, the scheduler's default)",
+            "engines": f"every engine: {' '.join(mesh_extra)} (VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']})"}
 
 
 def mesh_env(args) -> dict[str, str]:
