@@ -177,14 +177,15 @@ class Generation:
             logger.exception("generation failed")
             self._fail(Unavailable(f"generation failed: {type(exc).__name__}"))
 
-    def _admit_request(self, exclude: list[str], prompt_tokens: int, max_tokens: int) -> scheduler_pb2.AdmitRequest:
+    def _admit_request(self, exclude: list[str], prompt_tokens: int, max_tokens: int,
+                       n: int = 1) -> scheduler_pb2.AdmitRequest:
         inp = self.inp
         ctx = common_pb2.RequestContext(request_id=inp.request_id, tenant=inp.tenant, priority=inp.priority)
         if inp.deadline is not None:
             ctx.deadline.CopyFrom(Timestamp(seconds=int(inp.deadline), nanos=int(inp.deadline % 1 * 1e9)))
         return scheduler_pb2.AdmitRequest(context=ctx, model=inp.model, prompt_tokens=prompt_tokens,
                                           max_tokens=max_tokens, prefix_hashes=self._prefix,
-                                          exclude_workers=exclude)
+                                          exclude_workers=exclude, n=n)
 
     async def _run(self, indices: list[int], generated: list[int]) -> None:
         inp = self.inp
@@ -196,7 +197,8 @@ class Generation:
             already = len(generated)
             remaining = max(1, sampling.max_tokens - already)
             lease = await self.backends.admit(
-                self._admit_request(exclude, len(inp.prompt_ids) + already, remaining), inp.admit_timeout)
+                self._admit_request(exclude, len(inp.prompt_ids) + already, remaining, len(indices)),
+                inp.admit_timeout)
             try:
                 await self._stream(lease, indices, generated, sampling)
                 return

@@ -33,7 +33,9 @@ class Ticket:
     """One request asking for a lease."""
 
     model: str
-    tokens: int  # prompt plus max_tokens
+    tokens: int  # KV tokens the worker commits: prompt plus n * max_tokens
+    seqs: int = 1  # sequences it runs (n)
+    length: int = 0  # its longest sequence, prompt plus max_tokens (0: `tokens`)
     tenant: str = ""
     priority: int = common_pb2.PRIORITY_NORMAL
     prefix_hashes: Sequence[int] = ()

@@ -1,7 +1,7 @@
 """What each worker can still take: its latest load report less this scheduler's pending leases.
 
 The worker is the source of truth. A lease this scheduler granted counts as
-*pending* (one sequence, prompt plus max_tokens of KV) only until the worker
+*pending* (its n sequences, prompt plus n * max_tokens of KV) only until the worker
 reports it (started, finished, or in its `leases_active` snapshot); from then
 on the worker's own `running` and `committed_tokens` include it. So several
 scheduler replicas over the same workers each subtract only what the workers
@@ -46,10 +46,13 @@ class WorkerCapacity:
     held_seqs: int = 0  # running + waiting, or the leases active if the engine lags behind them
     committed_tokens: int = 0
     report: Any = None  # the latest LoadReport (for ListWorkers and metrics)
-    pending: dict[str, int] = field(default_factory=dict)  # lease id -> tokens, not yet reported
+    # lease id -> (tokens, sequences): our leases not yet reported, and those the worker reports running.
+    pending: dict[str, tuple[int, int]] = field(default_factory=dict)
     pending_tokens: int = 0
-    confirmed: dict[str, int] = field(default_factory=dict)  # our leases the worker reports running
+    pending_seqs: int = 0
+    confirmed: dict[str, tuple[int, int]] = field(default_factory=dict)
     confirmed_tokens: int = 0
+    confirmed_seqs: int = 0
     # Replicas sharing the worker (see `share`): this scheduler's lease-id prefix, the number of
     # replicas with leases on the worker, and this one's rank among them.
     replica: str = ""
@@ -65,22 +68,25 @@ class WorkerCapacity:
         return self.worker_id or self.address
 
     def free_seqs(self) -> int:
-        return self.max_num_seqs - self.held_seqs - len(self.pending)
+        return self.max_num_seqs - self.held_seqs - self.pending_seqs
 
     def free_tokens(self) -> int:
         return self.kv_capacity_tokens - self.committed_tokens - self.pending_tokens
 
     def load(self) -> int:
         """Sequences held or promised: the unit of the routing policies' balance."""
-        return self.held_seqs + len(self.pending)
+        return self.held_seqs + self.pending_seqs
 
-    def can_ever_fit(self, tokens: int) -> bool:
-        return tokens <= self.kv_capacity_tokens and (not self.max_model_len or tokens <= self.max_model_len)
+    def can_ever_fit(self, tokens: int, seqs: int = 1, length: int = 0) -> bool:
+        """True when an idle worker could hold `seqs` sequences of at most `length` using `tokens` of KV."""
+        length = length or tokens
+        return (tokens <= self.kv_capacity_tokens and seqs <= self.max_num_seqs
+                and (not self.max_model_len or length <= self.max_model_len))
 
-    def fits(self, tokens: int) -> bool:
-        """True when a new lease of `tokens` fits now. Never overcommits."""
-        return (self.state is State.READY and not self.refused and self.free_seqs() >= 1
-                and self.free_tokens() >= tokens and self.within_share(tokens))
+    def fits(self, tokens: int, seqs: int = 1) -> bool:
+        """True when a new lease of `seqs` sequences and `tokens` fits now. Never overcommits."""
+        return (self.state is State.READY and not self.refused and self.free_seqs() >= seqs
+                and self.free_tokens() >= tokens and self.within_share(tokens, seqs))
 
     def share(self) -> tuple[int, int]:
         """This replica's share of the worker (sequences, KV tokens) while others use it too.
@@ -95,28 +101,34 @@ class WorkerCapacity:
         tokens = self.kv_capacity_tokens * (r + 1) // k - self.kv_capacity_tokens * r // k
         return seqs, tokens
 
-    def within_share(self, tokens: int) -> bool:
+    def within_share(self, tokens: int, seqs: int = 1) -> bool:
         if self.replicas <= 1:
             return True
-        seqs, kv = self.share()
-        mine = len(self.pending) + len(self.confirmed)
-        if mine == 0 and (seqs == 0 or tokens > kv):
+        share_seqs, kv = self.share()
+        mine = self.pending_seqs + self.confirmed_seqs
+        if mine == 0 and (seqs > share_seqs or tokens > kv):
             return True  # a share too small for even one request must not starve it
-        return mine + 1 <= seqs and self.pending_tokens + self.confirmed_tokens + tokens <= kv
+        return mine + seqs <= share_seqs and self.pending_tokens + self.confirmed_tokens + tokens <= kv
 
-    def reserve(self, lease_id: str, tokens: int) -> None:
-        self.pending[lease_id] = tokens
+    def reserve(self, lease_id: str, tokens: int, seqs: int = 1) -> None:
+        self.pending[lease_id] = (tokens, seqs)
         self.pending_tokens += tokens
+        self.pending_seqs += seqs
+
+    def _unconfirm(self, lease_id: str) -> None:
+        held = self.confirmed.pop(lease_id, None)
+        if held is not None:
+            self.confirmed_tokens -= held[0]
+            self.confirmed_seqs -= held[1]
 
     def unreserve(self, lease_id: str) -> bool:
         """Forgets one of our leases; True when it was still pending."""
-        held = self.confirmed.pop(lease_id, None)
-        if held is not None:
-            self.confirmed_tokens -= held
-        tokens = self.pending.pop(lease_id, None)
-        if tokens is None:
+        self._unconfirm(lease_id)
+        held = self.pending.pop(lease_id, None)
+        if held is None:
             return False
-        self.pending_tokens -= tokens
+        self.pending_tokens -= held[0]
+        self.pending_seqs -= held[1]
         return True
 
     def apply_info(self, worker_id: str, model: str, max_num_seqs: int, kv_capacity_tokens: int,
@@ -158,14 +170,18 @@ class WorkerCapacity:
         if self.pending:
             started = [lid for lid in active if lid in self.pending]
             for lid in started:
-                tokens = self.pending.pop(lid)
-                self.pending_tokens -= tokens
-                self.confirmed[lid] = tokens
-                self.confirmed_tokens += tokens
+                held = self.pending.pop(lid)
+                self.pending_tokens -= held[0]
+                self.pending_seqs -= held[1]
+                self.confirmed[lid] = held
+                self.confirmed_tokens += held[0]
+                self.confirmed_seqs += held[1]
         # A confirmed lease missing from the snapshot has ended (its finish may have been missed).
         gone = [lid for lid in self.confirmed if lid not in active]
         for lid in gone:
-            self.confirmed_tokens -= self.confirmed.pop(lid)
+            self._unconfirm(lid)
+        # The snapshot lists leases, not sequences: ours of n > 1 hold n each (others' are the worker's to refuse).
+        self.held_seqs = max(self.held_seqs, len(report.leases_active) + self.confirmed_seqs - len(self.confirmed))
         return started, finished + gone
 
     def _count_replicas(self, leases_active: Sequence[str], now: float) -> None:
@@ -187,7 +203,7 @@ class WorkerCapacity:
         ids = [*self.pending, *self.confirmed]
         self.pending.clear()
         self.confirmed.clear()
-        self.pending_tokens = self.confirmed_tokens = 0
+        self.pending_tokens = self.confirmed_tokens = self.pending_seqs = self.confirmed_seqs = 0
         self.replicas, self.rank = 1, 0
         self.seen.clear()
         self.running = self.waiting = self.held_seqs = self.committed_tokens = 0

@@ -154,14 +154,18 @@ class Dispatcher:
         if not ready:
             excluded = " (the others are excluded)" if self._ready(ticket.model) else ""
             raise Unavailable(f"no worker serves model {ticket.model!r} now{excluded}")
-        if not any(w.can_ever_fit(ticket.tokens) for w in ready):
-            raise InvalidRequest(f"prompt plus max_tokens ({ticket.tokens} tokens) exceeds what any worker "
+        if not any(w.can_ever_fit(ticket.tokens, ticket.seqs, ticket.length) for w in ready):
+            if not any(ticket.seqs <= w.max_num_seqs for w in ready):
+                raise InvalidRequest(f"n ({ticket.seqs} sequences) exceeds what any worker of {ticket.model!r} "
+                                     f"can run at once ({max(w.max_num_seqs for w in ready)})", param="n")
+            what = "prompt plus max_tokens" if ticket.seqs == 1 else f"prompt plus {ticket.seqs} x max_tokens"
+            raise InvalidRequest(f"{what} ({ticket.tokens} tokens) exceeds what any worker "
                                  f"of {ticket.model!r} can hold", param="max_tokens")
 
     def place(self, ticket: Ticket) -> Lease | None:
         """Grants a lease now if a worker can hold the ticket, else None."""
         fitting = [w for w in self._by_model.get(ticket.model, ())
-                   if w.fits(ticket.tokens) and w.address not in ticket.exclude
+                   if w.fits(ticket.tokens, ticket.seqs) and w.address not in ticket.exclude
                    and w.worker_id not in ticket.exclude]
         if not fitting:
             return None
@@ -170,7 +174,7 @@ class Dispatcher:
         self.policy.routed(worker, ticket.prefix_hashes)
         lease = self.leases.grant(worker.address, worker.worker_id, ticket.tokens, self.clock(),
                                   self.limits.lease_ttl)
-        worker.reserve(lease.lease_id, ticket.tokens)
+        worker.reserve(lease.lease_id, ticket.tokens, ticket.seqs)
         metrics.ADMITTED.labels(ticket.model).inc()
         return lease
 

@@ -30,9 +30,11 @@ def caller_timeout(request: scheduler_pb2.AdmitRequest, context: Any) -> float |
 def ticket_from(request: scheduler_pb2.AdmitRequest) -> Ticket:
     if request.prompt_tokens == 0:
         raise InvalidRequest("prompt_tokens must be at least 1", param="prompt_tokens")
-    if request.prompt_tokens + request.max_tokens > _MAX_TOKENS:
-        raise InvalidRequest("prompt_tokens plus max_tokens is implausibly large", param="max_tokens")
-    return Ticket(model=request.model, tokens=request.prompt_tokens + request.max_tokens,
+    n = request.n or 1
+    tokens = request.prompt_tokens + n * request.max_tokens  # what the worker commits
+    if tokens > _MAX_TOKENS:
+        raise InvalidRequest("prompt_tokens plus n * max_tokens is implausibly large", param="max_tokens")
+    return Ticket(model=request.model, tokens=tokens, seqs=n, length=request.prompt_tokens + request.max_tokens,
                   tenant=request.context.tenant, priority=request.context.priority,
                   prefix_hashes=request.prefix_hashes, exclude=frozenset(request.exclude_workers),
                   request_id=request.context.request_id)

@@ -164,3 +164,21 @@ async def test_a_matched_stop_string_frees_the_engine_at_once(sim_mesh_factory) 
     assert reply["usage"]["completion_tokens"] < 20
     # Without cancelling, the engine would run the remaining ~2,990 tokens (30 s).
     assert await asyncio.to_thread(wait_for, lambda: running() == 0, 2.0) < 2.0
+
+
+async def test_requests_of_n_choices_at_capacity_are_never_refused_by_a_worker(sim_mesh_factory) -> None:
+    # 40 requests of 2 to 4 choices (~120 sequences) on 2 workers of 4 sequences: the scheduler must
+    # reserve every choice's sequence and tokens, or the workers refuse and the frontend retries.
+    mesh = sim_mesh_factory(workers=2, max_num_seqs=4, sim_ttft_ms=5, sim_itl_ms=5,
+                            scheduler={"policy": "least_load"})
+    bodies = [{"model": mesh.model, "prompt": f"{PROMPT} {i}", "max_tokens": 20, "n": 2 + i % 3, "seed": i}
+              for i in range(40)]
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60,
+                                 limits=httpx.Limits(max_connections=100)) as client:
+        replies = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+        metrics = (await client.get("/metrics")).text
+    for body, reply in zip(bodies, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        assert len(reply.json()["choices"]) == body["n"]
+        assert reply.json()["usage"]["completion_tokens"] == 20 * body["n"]
+    assert metric_value(metrics, "infermesh_frontend_worker_retries_total") == 0

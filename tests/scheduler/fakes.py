@@ -29,6 +29,7 @@ class FakeWorker:
         self.kv_capacity_tokens = kv_capacity_tokens
         self.max_model_len = max_model_len
         self.held: dict[str, int] = {}  # lease id -> tokens
+        self.seqs: dict[str, int] = {}  # lease id -> sequences (its n)
         self.started: list[str] = []
         self.finished: list[str] = []
         self.seq = 0
@@ -38,20 +39,29 @@ class FakeWorker:
             max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_capacity_tokens, block_size=16))
         self.report()
 
-    def start(self, lease_id: str, tokens: int) -> None:
+    def start(self, lease_id: str, tokens: int, seqs: int = 1) -> None:
         self.held[lease_id] = tokens
+        self.seqs[lease_id] = seqs
         self.started.append(lease_id)
+
+    def held_seqs(self) -> int:
+        return sum(self.seqs.values())
 
     def finish(self, lease_id: str) -> None:
         if self.held.pop(lease_id, None) is not None:
+            del self.seqs[lease_id]
             self.finished.append(lease_id)
 
-    def report(self, *, extra_running: int = 0, extra_tokens: int = 0, active: Iterable[str] = ()) -> None:
-        """Sends a load report; `extra_*` stand for requests of other schedulers."""
+    def report(self, *, extra_running: int = 0, extra_tokens: int = 0, active: Iterable[str] = (),
+               engine_lags: bool = False) -> None:
+        """Sends a load report; `extra_*` stand for requests of other schedulers.
+
+        `engine_lags`: the engine has not counted the held requests' sequences yet (only the leases show).
+        """
         self.seq += 1
         msg = worker_pb2.LoadReport(
             worker_id=f"w-{self.address}", model=self.model, seq=self.seq,
-            running=len(self.held) + extra_running, waiting=0,
+            running=(0 if engine_lags else self.held_seqs()) + extra_running, waiting=0,
             kv_capacity_tokens=self.kv_capacity_tokens, max_num_seqs=self.max_num_seqs,
             committed_tokens=sum(self.held.values()) + extra_tokens, draining=self.draining,
             leases_started=self.started, leases_finished=self.finished,

@@ -67,10 +67,12 @@ def test_draining_and_unreachable_workers_get_nothing() -> None:
 
 
 OPS = st.one_of(
-    st.tuples(st.just("admit"), st.integers(1, 600), st.sampled_from([(), ("a:1",), ("w-b:1",)])),
+    # prompt tokens, max_tokens, n (a request of n choices holds n sequences), excluded workers
+    st.tuples(st.just("admit"), st.integers(1, 300), st.integers(1, 150), st.sampled_from([1, 1, 2, 3, 4]),
+              st.sampled_from([(), ("a:1",), ("w-b:1",)])),
     st.tuples(st.just("start"), st.integers(0, 10_000)),
     st.tuples(st.just("finish"), st.integers(0, 10_000)),
-    st.tuples(st.just("report"), st.sampled_from(["a:1", "b:1", "c:1"])),
+    st.tuples(st.just("report"), st.sampled_from(["a:1", "b:1", "c:1"]), st.booleans()),
     st.tuples(st.just("release"), st.integers(0, 10_000)),
     st.tuples(st.just("tick"), st.floats(0.0, 6.0)),
     st.tuples(st.just("drain"), st.sampled_from(["a:1", "b:1", "c:1"])),
@@ -91,7 +93,7 @@ def test_never_overcommit(ops, policy, shapes) -> None:
         workers[address] = FakeWorker(d, address, max_num_seqs=seqs, kv_capacity_tokens=kv)
         foreign[address] = (min(other, seqs - 1), min(other * 50, kv // 2))  # another scheduler's steady load
         workers[address].report(extra_running=foreign[address][0], extra_tokens=foreign[address][1])
-    granted = []  # (lease, tokens) handed to clients, in order
+    granted = []  # (lease, tokens, seqs) handed to clients, in order
 
     def outstanding(lease):
         return lease.lease_id in d.leases and not d.leases.get(lease.lease_id).started
@@ -99,24 +101,30 @@ def test_never_overcommit(ops, policy, shapes) -> None:
     for op in ops:
         kind = op[0]
         if kind == "admit":
-            lease = d.place(Ticket(model="m", tokens=op[1], exclude=frozenset(op[2])))
+            _, prompt, max_tokens, n, exclude = op
+            tokens = prompt + n * max_tokens  # what the worker commits for it
+            lease = d.place(Ticket(model="m", tokens=tokens, seqs=n, length=prompt + max_tokens,
+                                   exclude=frozenset(exclude)))
             if lease is not None:
                 w = d.workers[lease.address]
-                assert w.address not in op[2] and w.worker_id not in op[2]
+                assert w.address not in exclude and w.worker_id not in exclude
                 assert not workers[lease.address].draining
-                granted.append((lease, op[1]))
+                granted.append((lease, tokens, n))
         elif kind in ("start", "release") and granted:
-            lease, tokens = granted[op[1] % len(granted)]
+            lease, tokens, n = granted[op[1] % len(granted)]
             if outstanding(lease) and lease.lease_id not in workers[lease.address].held:
                 if kind == "start":
-                    workers[lease.address].start(lease.lease_id, tokens)
+                    workers[lease.address].start(lease.lease_id, tokens, n)
                 else:
                     assert d.release(lease.lease_id)
         elif kind == "finish" and granted:
-            lease, _ = granted[op[1] % len(granted)]
+            lease = granted[op[1] % len(granted)][0]
             workers[lease.address].finish(lease.lease_id)
         elif kind == "report":
-            workers[op[1]].report(extra_running=foreign[op[1]][0], extra_tokens=foreign[op[1]][1])
+            # A lagging engine has not counted our newest sequences; the worker lists every lease it holds.
+            others = [f"other-{i}" for i in range(foreign[op[1]][0])] if op[2] else []
+            workers[op[1]].report(extra_running=foreign[op[1]][0], extra_tokens=foreign[op[1]][1],
+                                  engine_lags=op[2], active=others)
         elif kind == "tick":
             clock.now += op[1]
             d.expire()
@@ -126,13 +134,14 @@ def test_never_overcommit(ops, policy, shapes) -> None:
         elif kind == "crash":
             d.on_lost(op[1], "crash")
             workers[op[1]].held.clear()
+            workers[op[1]].seqs.clear()
             workers[op[1]].started.clear()
             workers[op[1]].finished.clear()
         for address, fw in workers.items():
-            mine = [(lease, tokens) for lease, tokens in granted
+            mine = [(tokens, n) for lease, tokens, n in granted
                     if lease.address == address and outstanding(lease) and lease.lease_id not in fw.held]
-            seqs = len(fw.held) + foreign[address][0] + len(mine)
-            tokens = sum(fw.held.values()) + foreign[address][1] + sum(t for _, t in mine)
+            seqs = fw.held_seqs() + foreign[address][0] + sum(n for _, n in mine)
+            tokens = sum(fw.held.values()) + foreign[address][1] + sum(t for t, _ in mine)
             assert seqs <= fw.max_num_seqs, (address, seqs)
             assert tokens <= fw.kv_capacity_tokens, (address, tokens)
 

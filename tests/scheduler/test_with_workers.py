@@ -59,22 +59,22 @@ class Mesh:
                 self.rejected.append(int(hint) if hint is not None else None)
                 await asyncio.sleep(min(0.5, int(hint or 100) / 1000))
 
-    async def generate(self, lease: scheduler_pb2.Lease, max_tokens: int = MAX_TOKENS) -> int:
+    async def generate(self, lease: scheduler_pb2.Lease, max_tokens: int = MAX_TOKENS, n: int = 1) -> int:
         stub = worker_pb2_grpc.WorkerStub(self.channel(lease.worker_address))
         request = worker_pb2.GenerateTokensRequest(
             model=self.model, lease_id=lease.lease_id, prompt_ids=list(range(1, PROMPT + 1)),
-            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True, n=n))
         tokens = 0
         async for delta in stub.Generate(request, timeout=60):
             tokens += len(delta.token_ids)
         return tokens
 
-    async def request(self, scheduler: str) -> None:
+    async def request(self, scheduler: str, n: int = 1) -> None:
         """Admit, then generate under the lease; a refusal goes back to the scheduler."""
         while True:
-            lease = await self.admit(scheduler)
+            lease = await self.admit(scheduler, n=n)
             try:
-                assert await self.generate(lease) == MAX_TOKENS
+                assert await self.generate(lease, n=n) == n * MAX_TOKENS
                 return
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -159,6 +159,32 @@ async def test_capacity_is_never_exceeded_under_500_concurrent_admissions(
     assert f'infermesh_scheduler_queue_depth{{model="{model_name}",priority="normal"}} 0.0' in text
     assert "infermesh_scheduler_queue_time_seconds_count" in text
     assert f'infermesh_scheduler_worker_free_seqs{{model="{model_name}",worker="{by_seqs.address}"}}' in text
+
+
+async def test_requests_of_n_choices_at_capacity_are_never_refused(
+        sim_worker_factory, scheduler_factory, model_name: str) -> None:
+    # A request of n choices holds n sequences and 100 + n * 16 KV tokens on the worker.
+    by_seqs = sim_worker_factory(max_num_seqs=8, sim_ttft_ms=5, sim_itl_ms=2)
+    by_kv = sim_worker_factory(max_num_seqs=64, sim_kv_capacity_tokens=600, sim_ttft_ms=5, sim_itl_ms=2)
+    scheduler = scheduler_factory([by_seqs.address, by_kv.address], policy="least_load")
+    mesh = Mesh(model_name)
+    watches = [LoadWatch(by_seqs.address), LoadWatch(by_kv.address)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(mesh.request(scheduler.address, n=2 + i % 3)
+                                                for i in range(120))), 120)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await mesh.admit(scheduler.address, n=65)  # more sequences than any worker runs
+    finally:
+        for w in watches:
+            await w.stop()
+        await mesh.close()
+    # With one scheduler, a single refusal would be an overcommit (one sequence per lease was).
+    assert mesh.refused == 0
+    assert sum(mesh.leases_by_worker.values()) == 120
+    assert watches[0].reports and watches[1].reports
+    assert 6 <= watches[0].max_held <= 8  # filled with several requests of n choices at once
+    assert 600 - (100 + 4 * 16) < watches[1].max_committed <= 600
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n (65 sequences)" in err.value.details()
 
 
 async def test_a_draining_worker_gets_no_new_leases(sim_worker_factory, scheduler_factory, model_name: str) -> None:
