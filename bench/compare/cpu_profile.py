@@ -65,11 +65,37 @@ def delta(before: dict, after: dict) -> dict[str, float]:
     return dict(totals)
 
 
+def pin_off_model_cores(root_pid: int) -> dict[str, str]:
+    """Moves every thread of the tree except vLLM's model worker off the model worker's cores."""
+    import os
+
+    procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    model = [p for p in procs if "VLLM::Worker" in " ".join(p.cmdline()) or p.name().startswith("VLLM::Worker")]
+    model_cores = set().union(*(os.sched_getaffinity(p.pid) for p in model)) if model else set()
+    free = set(range(os.cpu_count() or 1)) - model_cores
+    if not free:
+        return {"skipped": "no free core"}
+    done = {}
+    for p in procs:
+        if p in model:
+            continue
+        for t in Path(f"/proc/{p.pid}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(t.name), free)
+            except OSError:
+                pass
+        done[label(p)] = ",".join(map(str, sorted(free)))
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--py-spy", action="store_true")
+    p.add_argument("--pin-mesh", action="store_true",
+                   help="then run the mesh once more with all its processes but vLLM's model worker pinned to "
+                   "the cores vLLM leaves free (an experiment: vLLM pins only its model worker)")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "infermesh-cpu-profile")
     a = p.parse_args(argv)
     args = parse_args([])
@@ -92,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         for side, s in sides.items():  # warm-up
             run_jobs([{"argv": bench_argv(args, s.url, model_dir, name, **kw, seed=1),
                        "out": str(a.out / f"warm-{side}.json")}], a.out)
-        for side, s in sides.items():
+        order = list(sides.items())
+        if a.pin_mesh:
+            order += [("mesh-pinned", sides["mesh"]), ("vllm-again", sides["vllm"])]
+        for side, s in order:
+            if side == "mesh-pinned":
+                print("pinned:", pin_off_model_cores(s.pid), flush=True)
             spies = []
             if a.py_spy and side == "mesh":
                 for proc in psutil.Process(s.pid).children(recursive=True):
