@@ -102,6 +102,7 @@ def overload_summary(outcomes: Sequence[dict[str, Any]], seconds: float, slo_s: 
     other = [o for o in outcomes if not o["completed"] and o["status"] != 429]
     ttfts = [o["ttft_s"] for o in completed]
     refusal = [o["status_s"] for o in refused if o["status_s"] is not None]
+    other_http = [o["status_s"] for o in other if o["status"] not in (0, 200) and o["status_s"] is not None]
     statuses: dict[str, int] = {}
     for o in other:
         if o["status"] and o["status"] != 200:
@@ -120,6 +121,8 @@ def overload_summary(outcomes: Sequence[dict[str, Any]], seconds: float, slo_s: 
         "refusal_ms_p50": _ms(percentile(refusal, 50)), "refusal_ms_p99": _ms(percentile(refusal, 99)),
         "refusal_ms_max": _ms(max(refusal)) if refusal else None,
         "other_failures": statuses,
+        "other_http_error_ms_p50": _ms(percentile(other_http, 50)),
+        "other_http_error_ms_max": _ms(max(other_http)) if other_http else None,
     }
 
 
@@ -159,7 +162,8 @@ def overload_table(vllm: dict[str, Any], mesh: dict[str, Any]) -> str:
             ("goodput req/s", "goodput_rps"), ("TTFT p50 ms (completed)", "ttft_ms_p50"),
             ("TTFT p99 ms (completed)", "ttft_ms_p99"), ("refused (429)", "refused_429"),
             ("429 after, p50 ms", "refusal_ms_p50"), ("429 after, p99 ms", "refusal_ms_p99"),
-            ("other failures", "other_failures")]
+            ("other failures", "other_failures"), ("other HTTP errors after, p50 ms", "other_http_error_ms_p50"),
+            ("other HTTP errors after, max ms", "other_http_error_ms_max")]
     lines = ["| | vLLM server | mesh | ratio |", "|---|---|---|---|"]
     for label, key in rows:
         v, m = vllm[key], mesh[key]

@@ -76,6 +76,7 @@ def test_goodput_counts_completed_within_slo_per_second_of_window():
     assert s["refusal_ms_max"] == pytest.approx(12.0)
     assert s["other_failures"] == {"HTTP 503": 1, "error event in the stream: x": 1,
                                    "cut off after the drain period": 1}
+    assert s["other_http_error_ms_p50"] == pytest.approx(900.0)  # only the 503 has an HTTP error status
 
 
 def test_overload_targets():
