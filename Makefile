@@ -1,5 +1,6 @@
 # make up    — set up (venv, packages, protobuf code, default model) and run the mesh
 # make test  — set up and run the whole test suite
+# make soak  — the 5-minute soak of mixed load (tests/reliability/test_soak.py)
 # Both are idempotent and take seconds when nothing changed.
 
 SHELL      := /bin/bash
@@ -15,13 +16,16 @@ VENV_STAMP := $(VENV)/.installed-$(EXTRA)
 ARGS       ?=
 PYTEST_ARGS ?=
 
-.PHONY: up test setup proto model bench lint clean deps
+.PHONY: up test soak setup proto model bench lint clean deps
 
 up: setup model
 	$(BIN)/infermesh up $(ARGS)
 
 test: setup model deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+soak: setup model
+	$(BIN)/python -m pytest -m soak tests/reliability $(PYTEST_ARGS)
 
 setup: $(VENV_STAMP) $(GEN_STAMP)
 
