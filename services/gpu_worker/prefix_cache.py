@@ -3,6 +3,12 @@
 The simulated engine uses it to decide how much of a prompt is already
 "cached" (its prefill is then shorter) and to report a hit rate, the way vLLM's
 automatic prefix caching does with KV blocks.
+
+Eviction follows vLLM: a request's blocks go back to the free queue in reverse
+order, so within a prompt the tail is evicted before the head, and what stays
+cached of an older prompt is a usable prefix rather than blocks that follow a
+missing one. A lookup counts only the contiguous run of cached blocks from the
+first (a block is usable only with all of its predecessors).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from infermesh.common.prefix import block_hashes
 
 
 class PrefixCache:
-    """Holds up to `capacity_blocks` block hashes, least recently used evicted first."""
+    """Holds up to `capacity_blocks` block hashes; least recently used first, a prompt's tail before its head."""
 
     def __init__(self, capacity_blocks: int, block_size: int, window: int = 256) -> None:
         self.capacity_blocks = max(0, capacity_blocks)
@@ -33,13 +39,14 @@ class PrefixCache:
             if h not in self._blocks:
                 break
             hits += 1
-        for h in hashes:
+        # Touched last to first: the head ends most recently used, so the tail is evicted first.
+        for h in reversed(hashes):
             if h in self._blocks:
                 self._blocks.move_to_end(h)
             elif self.capacity_blocks:
                 self._blocks[h] = None
-                if len(self._blocks) > self.capacity_blocks:
-                    self._blocks.popitem(last=False)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
         # Like vLLM, the last prompt token is always computed (it yields the first logits).
         cached = min(hits * self.block_size, max(0, len(ids) - 1))
         self._recent.append((len(ids), cached))

@@ -66,7 +66,11 @@ class LeastLoad(RoundRobin):
 
 
 class PrefixIndex:
-    """An LRU set of the prefix block hashes recently routed to one worker."""
+    """An LRU set of the prefix block hashes recently routed to one worker.
+
+    It evicts as the worker's cache does (vLLM frees a request's blocks last to first): within a
+    prompt the tail goes before the head.
+    """
 
     def __init__(self, capacity_blocks: int) -> None:
         self.capacity = max(1, capacity_blocks)
@@ -76,7 +80,7 @@ class PrefixIndex:
         return len(self._blocks)
 
     def match(self, hashes: Sequence[int]) -> int:
-        """Leading blocks of `hashes` held (a scan: eviction may take any block of a chain first)."""
+        """Leading blocks of `hashes` held (a scan: a block counts only with all of its predecessors)."""
         blocks = self._blocks
         n = 0
         for h in hashes:
@@ -87,7 +91,7 @@ class PrefixIndex:
 
     def insert(self, hashes: Sequence[int]) -> None:
         blocks = self._blocks
-        for h in hashes:
+        for h in reversed(hashes):  # the head ends most recently used
             if h in blocks:
                 blocks.move_to_end(h)
             else:

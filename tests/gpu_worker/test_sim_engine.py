@@ -36,6 +36,22 @@ def test_prefix_cache_counts_leading_full_blocks_and_evicts_lru() -> None:
     assert cache.lookup_and_insert(a) == 0
 
 
+def test_prefix_cache_evicts_a_prompts_tail_before_its_head() -> None:
+    # Room for 4 blocks; an older prompt of 3 blocks and a newer one of 2 do not both fit.
+    cache = PrefixCache(capacity_blocks=4, block_size=4)
+    older = list(range(12)) + [7]  # three full blocks
+    assert cache.lookup_and_insert(older) == 0
+    assert cache.lookup_and_insert(list(range(100, 108))) == 0  # two new blocks: one of older's must go
+    assert len(cache) == 4
+    # Its last block went (as in vLLM): the first two still serve it. An LRU taking the head first would
+    # leave blocks 2 and 3 cached and useless, and this lookup would find nothing.
+    assert cache.lookup_and_insert(older) == 8
+    # A prompt longer than the whole cache keeps its head too.
+    long = list(range(500, 524))  # six blocks
+    cache.lookup_and_insert(long)
+    assert cache.lookup_and_insert(long) == 16
+
+
 def test_whole_prompt_cached_still_computes_last_token() -> None:
     cache = PrefixCache(capacity_blocks=8, block_size=4)
     cache.lookup_and_insert(list(range(8)))

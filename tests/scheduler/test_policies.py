@@ -41,7 +41,8 @@ def test_prefix_index_matches_the_longest_cached_prefix() -> None:
     assert index.match(block_hashes(prompt(2, 1))) == 0
     small = PrefixIndex(capacity_blocks=10)
     small.insert(hashes)
-    assert len(small) == 10  # least recently used blocks were evicted
+    assert len(small) == 10  # least recently used blocks were evicted, the chain's tail first
+    assert small.match(hashes) == 10
 
 
 def test_shared_prefixes_stick_to_one_worker_and_spread_across_workers() -> None:
