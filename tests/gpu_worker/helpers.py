@@ -20,6 +20,7 @@ class Choice:
     stop_token_id: int | None = None
     logprobs: list[Any] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # arrival time of each message with tokens
+    sizes: list[int] = field(default_factory=list)  # tokens in each message with tokens
 
 
 @dataclass
@@ -58,6 +59,7 @@ async def generate(stub: worker_pb2_grpc.WorkerStub, prompt: list[int], **kwargs
         assert not choice.finish_reason, "a message after the choice's last one"
         if msg.token_ids:
             choice.times.append(time.perf_counter())
+            choice.sizes.append(len(msg.token_ids))
         choice.token_ids += list(msg.token_ids)
         choice.logprobs += list(msg.logprobs)
         choice.finish_reason = msg.finish_reason

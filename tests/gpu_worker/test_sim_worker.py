@@ -178,14 +178,17 @@ async def test_metrics_use_vllm_names(sim_worker_factory) -> None:
     proc = sim_worker_factory(sim_itl_ms=2, sim_ttft_ms=1)
     channel, worker = stub(proc.address)
     async with channel:
-        for _ in range(3):
-            await generate(worker, list(range(10, 30)), max_tokens=6)
+        results = [await generate(worker, list(range(10, 30)), max_tokens=6) for _ in range(3)]
+    # One inter-token sample per token after the first message (a late event loop may send a
+    # few tokens in one message: they share its gap, as in vLLM).
+    inter_token = sum(sum(c.sizes[1:]) for r in results for c in r.choices.values())
+    assert inter_token >= 3  # each request streamed more than one message
     text = metrics_text(proc.metrics_port)
     assert metric(text, "vllm:prompt_tokens_total") == 60
     assert metric(text, "vllm:generation_tokens_total") == 18
     assert metric(text, "vllm:request_success_total") == 3
     assert metric(text, "vllm:time_to_first_token_seconds_count") == 3
-    assert metric(text, "vllm:inter_token_latency_seconds_count") == 15
+    assert metric(text, "vllm:inter_token_latency_seconds_count") == inter_token
     assert metric(text, "vllm:e2e_request_latency_seconds_count") == 3
     assert 'vllm:kv_cache_usage_perc{model_name="SmolLM2-135M-Instruct"}' in text
 
