@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from infermesh.v1 import inference_pb2, scheduler_pb2, tokenizer_pb2, worker_pb2
+
 from tests.fixtures.mesh import Mesh
 from tests.harness import health_status
 from tests.reliability.proto_strategies import message

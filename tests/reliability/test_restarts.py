@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import httpx
-
 from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
 from tests.deploy.envoy_proc import EnvoyProcess
 from tests.fixtures.mesh import build_sim_mesh, start_frontend
 from tests.fixtures.scheduler import wait_workers

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-
 from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
 from tests.deploy.envoy_proc import EnvoyProcess
 from tests.fixtures.mesh import Mesh, build_sim_mesh
 

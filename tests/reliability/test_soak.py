@@ -11,8 +11,8 @@ import time
 import grpc
 import httpx
 import pytest
-
 from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
 from tests.reliability.helpers import Load, percentile, tree_rss
 
 SECONDS = float(os.environ.get("INFERMESH_SOAK_SECONDS", "300"))

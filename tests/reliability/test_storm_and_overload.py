@@ -112,7 +112,7 @@ async def test_overload_at_10x_capacity_only_200_and_429_and_recovers_at_once(si
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=mesh.url, timeout=60,
                                  limits=httpx.Limits(max_connections=10 * capacity + 10)) as client:
-        for wave in range(waves):
+        for _ in range(waves):
             replies = await asyncio.gather(*(client.post("/v1/completions", json={**body, "seed": i})
                                              for i in range(10 * capacity)))
             for reply in replies:
