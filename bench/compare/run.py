@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the mesh scheduler's admission queue (INFERMESH_MAX_QUEUE) for this run")
     p.add_argument("--mesh-queue-timeout", type=float, default=0.9,
                    help="the mesh scheduler's queue timeout in s (INFERMESH_QUEUE_TIMEOUT) for this run")
+    p.add_argument("--mesh-keepalive", type=float, default=120.0,
+                   help="seconds between the frontend's SSE keep-alive comments (INFERMESH_KEEPALIVE; see mesh_env)")
     p.add_argument("--prefix-prompts", type=int, default=64)
     p.add_argument("--prefix-concurrency", type=int, default=8)
     p.add_argument("--prefix-len", type=int, default=512)
@@ -191,7 +193,8 @@ def overload_scenario(args, model_dir: Path, name: str, urls: dict[str, str], wo
     return {"rate": rate, "seconds": args.overload_seconds, "factor": args.overload_factor,
             "sustainable_rps": sustainable, "sustainable_from": source, "slo_s": args.slo, "drain_s": args.drain,
             "order": order, "mesh_admission": f"scheduler --max-queue {args.mesh_max_queue}, --queue-timeout "
-            f"{args.mesh_queue_timeout:g} s (INFERMESH_MAX_QUEUE, INFERMESH_QUEUE_TIMEOUT); workers' own "
+            f"{args.mesh_queue_timeout:g} s (INFERMESH_MAX_QUEUE, INFERMESH_QUEUE_TIMEOUT); SSE keep-alive every "
+            f"{args.mesh_keepalive:g} s (INFERMESH_KEEPALIVE); workers' own "
             "capacity check at max_num_seqs", **summary, "targets": results.overload_targets(
                 summary["vllm"], summary["mesh"], args.slo)}
 
@@ -242,7 +245,12 @@ def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, A
 
 
 def mesh_env(args) -> dict[str, str]:
-    return {"INFERMESH_MAX_QUEUE": str(args.mesh_max_queue), "INFERMESH_QUEUE_TIMEOUT": str(args.mesh_queue_timeout)}
+    # vLLM's load generator strips each network chunk before it looks for the blank line that ends an SSE
+    # event, so an SSE comment arriving on its own (the frontend's keep-alive, sent after --keepalive
+    # seconds without a token) glues onto the next event and the request counts as failed. vLLM's server
+    # sends no comments; the mesh's keep-alive is pushed past any stream of this benchmark.
+    return {"INFERMESH_MAX_QUEUE": str(args.mesh_max_queue), "INFERMESH_QUEUE_TIMEOUT": str(args.mesh_queue_timeout),
+            "INFERMESH_KEEPALIVE": str(args.mesh_keepalive)}
 
 
 def main(argv: list[str] | None = None) -> int:
