@@ -44,6 +44,10 @@ class ServiceConfig:
     log_level: str = option("info", "Log level.", choices=("debug", "info", "warning", "error"))
     log_format: str = option("text", "Log format.", choices=("text", "json"))
     grace_period: float = option(30.0, "Seconds in-flight calls get to finish on SIGTERM.")
+    tls_cert: str = option("", "PEM certificate: serve gRPC over TLS (and present it to peers with --tls-client-auth).")
+    tls_key: str = option("", "PEM private key of --tls-cert.")
+    tls_ca: str = option("", "PEM CA bundle: call other services over TLS, trusting this CA.")
+    tls_client_auth: bool = option(False, "Mutual TLS: require clients to present a certificate signed by --tls-ca.")
 
     def validate(self) -> list[str]:
         """Problems with the values; subclasses extend the list."""
@@ -54,6 +58,14 @@ class ServiceConfig:
                 problems.append(f"{name} must be a port number (0-65535), got {value}")
         if self.grace_period < 0:
             problems.append(f"grace_period must be >= 0, got {self.grace_period}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_auth and not (self.tls_ca and self.tls_cert):
+            problems.append("tls_client_auth needs tls_ca (to check clients) and tls_cert/tls_key")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                problems.append(f"{name}: no such file {path!r}")
         return problems
 
 

@@ -142,6 +142,20 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return _wrap_unary(behavior, method)
 
 
+def server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
+    """TLS (mutual with --tls-client-auth) when --tls-cert is set, else None (plaintext)."""
+    if not config.tls_cert:
+        return None
+    with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+        pair = (key.read(), cert.read())
+    ca = None
+    if config.tls_ca:
+        with open(config.tls_ca, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=ca if config.tls_client_auth else None,
+                                       require_client_auth=config.tls_client_auth)
+
+
 Registration = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
 
 
@@ -181,7 +195,11 @@ class GrpcServer:
              reflection.SERVICE_NAME], self.server)
         await self.set_serving(False)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {address} (port in use?)")
         await self.server.start()

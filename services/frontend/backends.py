@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import grpc
-from infermesh.common.channels import channel
+from infermesh.common.channels import channel, raw_channel
 from infermesh.common.errors import InfermeshError, NotFound, Unavailable, from_rpc_error
 from infermesh.common.server import CHANNEL_OPTIONS
 from infermesh.frontend.detokenizer import TokenizerModel
@@ -56,7 +56,7 @@ class Backends:
         if entry is None:
             # No interceptors on the token path (they cost a task per streamed message); the caller
             # passes the request id as metadata itself.
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = raw_channel(address, CHANNEL_OPTIONS)
             entry = (ch, worker_pb2_grpc.WorkerStub(ch))
             self._workers[address] = entry
         return entry[1]

@@ -85,6 +85,7 @@ class _HttpServer:
 
 
 async def serve(config: FrontendConfig) -> None:
+    from infermesh.common.channels import configure_tls
     from infermesh.frontend.auth import ApiKeys
     from infermesh.frontend.backends import Backends
     from infermesh.frontend.grpc_api import InferenceService
@@ -92,6 +93,7 @@ async def serve(config: FrontendConfig) -> None:
     from infermesh.frontend.serving import ServingOptions
     from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
+    configure_tls(config)  # the channels to the tokenizer, scheduler and workers
     keys = ApiKeys(config.api_keys)
     backends = Backends(config.tokenizer, config.scheduler)
     options = ServingOptions(keepalive=config.keepalive, first_event_wait=config.first_event_wait,

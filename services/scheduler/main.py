@@ -77,12 +77,14 @@ class SchedulerConfig(ServiceConfig):
 
 
 async def serve(config: SchedulerConfig) -> None:
+    from infermesh.common.channels import configure_tls
     from infermesh.scheduler.dispatcher import Dispatcher, Limits
     from infermesh.scheduler.policies import make_policy
     from infermesh.scheduler.service import SchedulerService
     from infermesh.scheduler.workers import WorkerPool
     from infermesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+    configure_tls(config)  # the channels to the workers
     policy = make_policy(config.policy, balance_abs_threshold=config.balance_abs_threshold,
                          balance_rel_threshold=config.balance_rel_threshold,
                          index_blocks=config.prefix_index_blocks)
