@@ -33,8 +33,14 @@ def distributions(samples: dict[int, dict[str, dict[str, list[float]]]], metric:
     concs = sorted(samples)
     fig, axes = plt.subplots(1, len(concs), figsize=(4.2 * len(concs), 3.4), squeeze=False)
     for ax, c in zip(axes[0], concs, strict=True):
+        pooled = []
         for side in ("vllm", "mesh"):
-            _cdf(ax, samples[c].get(side, {}).get(metric, []), side)
+            values = samples[c].get(side, {}).get(metric, [])
+            _cdf(ax, values, side)
+            pooled += values
+        if pooled:  # the far tail (a few stalls) would squash the curves; its share shows at the right edge
+            pooled.sort()
+            ax.set_xlim(0, pooled[min(len(pooled) - 1, int(len(pooled) * 0.995))] * 1.1)
         ax.set_title(f"concurrency {c}")
         ax.set_xlabel(f"{metric.upper()} (ms)")
         ax.set_ylabel("fraction of requests" if metric == "ttft" else "fraction of tokens")
