@@ -3,6 +3,7 @@ service's log, and Envoy's body and header limits."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +144,31 @@ def test_envoy_limits_body_and_header_sizes(keyed_mesh: Mesh, tmp_path: Path, re
     assert big_body.status_code == 413
     assert big_header.status_code == 431
     assert many_headers.status_code == 431
+
+
+def test_generated_http_requests_through_envoy_with_keys_never_get_a_5xx(keyed_mesh: Mesh, tmp_path: Path,
+                                                                         report) -> None:
+    """tests/frontend/test_schemathesis.py runs on a bare frontend; this one goes through the
+    edge with API keys on (every generated request authenticated, so it reaches the routes)."""
+    import subprocess
+    import sys
+
+    front = keyed_mesh.frontend
+    envoy = EnvoyProcess([(front.http_port, front.port)], tmp_path).start()
+    try:
+        envoy.wait_ready()
+        started = time.monotonic()
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "schemathesis"), "run", front.url + "/openapi.json",
+             "--url", envoy.url, "--header", f"Authorization: Bearer {KEYS['alice']}",
+             "--checks", "not_a_server_error", "--max-examples", "40", "--generation-deterministic",
+             "--request-timeout", "60"], capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - started
+        stats = envoy.stats()
+    finally:
+        envoy.stop()
+    prefix = "cluster.frontend_http.upstream_rq_"
+    codes = {k[len(prefix):]: v for k, v in stats.items() if k in {prefix + c for c in ("2xx", "4xx", "5xx")}}
+    report("schemathesis-edge", seconds=took, upstream_codes=codes, exit=result.returncode)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert codes.get("2xx", 0) > 0 and codes.get("5xx", 0) == 0, codes
