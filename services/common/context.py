@@ -18,9 +18,18 @@ def current_request_id() -> str:
     return request_id_var.get()
 
 
+# A request id travels as gRPC metadata and into every log line: visible ASCII only, bounded.
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def valid_request_id(request_id: str | None) -> bool:
+    return bool(request_id) and len(request_id) <= MAX_REQUEST_ID_LENGTH and all(
+        "!" <= c <= "~" for c in request_id)
+
+
 def set_request_id(request_id: str | None) -> contextvars.Token[str]:
-    """Binds the request id for the current task (a new one when empty)."""
-    return request_id_var.set(request_id or new_request_id())
+    """Binds the request id for the current task (a new one when empty or not a valid id)."""
+    return request_id_var.set(request_id if request_id and valid_request_id(request_id) else new_request_id())
 
 
 def request_metadata(request_id: str | None = None) -> tuple[tuple[str, str], ...]:

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from infermesh.v1 import inference_pb2, scheduler_pb2, tokenizer_pb2, worker_pb2
+from infermesh.v1 import common_pb2, inference_pb2, scheduler_pb2, tokenizer_pb2, worker_pb2
 
 from tests.fixtures.mesh import Mesh
 from tests.harness import health_status
@@ -27,6 +27,22 @@ METHODS = [(tier, module, name, method) for tier, module, name in SERVICES
            for method in module.DESCRIPTOR.services_by_name[name].methods]
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED}
 CODES: Counter[str] = Counter()
+
+
+def _bases(model: str) -> dict[str, bytes]:
+    """A valid request per method: the generated fields are merged into it (protobuf messages
+    concatenate), so that generated values reach the logic past the first checks."""
+    sampling = common_pb2.SamplingParams(max_tokens=8)
+    messages = [common_pb2.ChatMessage(role="user", content="Hello")]
+    bases = {
+        "Tokenizer.Render": tokenizer_pb2.RenderRequest(model=model, messages=messages),
+        "Tokenizer.Encode": tokenizer_pb2.EncodeRequest(model=model, texts=["Hello"]),
+        "Tokenizer.Decode": tokenizer_pb2.DecodeRequest(model=model, items=[common_pb2.TokenIds(ids=[1, 2])]),
+        "Scheduler.Admit": scheduler_pb2.AdmitRequest(model=model, prompt_tokens=4, max_tokens=8),
+        "Worker.Generate": worker_pb2.GenerateTokensRequest(model=model, prompt_ids=[1, 2, 3], sampling=sampling),
+        "Inference.Generate": inference_pb2.GenerateRequest(model=model, prompt="Hello", sampling=sampling),
+    }
+    return {name: request.SerializeToString() for name, request in bases.items()}
 
 
 def _address(mesh: Mesh, tier: str) -> str:
@@ -67,11 +83,13 @@ def test_generated_requests_never_fail_internally(sim_mesh: Mesh, channels: dict
                                                   tier: str, module: object, service: str, method: object) -> None:
     path = f"/{method.containing_service.full_name}/{method.name}"
     words = [sim_mesh.model, "", "user", "assistant", "nonexistent-model", "a" * 300, "b " * 5000]
-    payloads = st.one_of(message(method.input_type, words).map(lambda m: m.SerializeToString()),
-                         st.binary(max_size=200))
+    generated = message(method.input_type, words).map(lambda m: m.SerializeToString())
+    base = _bases(sim_mesh.model).get(f"{service}.{method.name}")
+    payloads = st.one_of(generated, st.binary(max_size=200),
+                         *([generated.map(lambda extra: base + extra)] if base else []))
     seen: Counter[str] = Counter()
 
-    @settings(max_examples=60, deadline=None, derandomize=True,
+    @settings(max_examples=80, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(payloads)
     def run(payload: bytes) -> None:
