@@ -196,10 +196,13 @@ class GrpcServer:
         await self.set_serving(False)
         address = f"{self.config.host}:{self.config.port}"
         credentials = server_credentials(self.config)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's way of saying the bind failed
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot bind {address} (port in use?)")
         await self.server.start()

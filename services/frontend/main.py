@@ -8,8 +8,8 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 
-from infermesh.common.config import ServiceConfig, config_from_argv, option
-from infermesh.common.logs import configure_logging
+from infermesh.common.config import ServiceConfig, option
+from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
 
 logger = logging.getLogger(__name__)
@@ -118,12 +118,5 @@ async def serve(config: FrontendConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = config_from_argv(FrontendConfig, "infermesh frontend", argv,
-                              "The OpenAI-compatible HTTP API and the public gRPC API.")
-    configure_logging("frontend", config.log_level, config.log_format)
-    try:
-        asyncio.run(serve(config))
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    return 0
+    return run_service("frontend", FrontendConfig, argv,
+                       "The OpenAI-compatible HTTP API and the public gRPC API.", serve)

@@ -32,8 +32,8 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermesh.common.config import ServiceConfig, config_from_argv, option
-from infermesh.common.logs import configure_logging
+from infermesh.common.config import ServiceConfig, option
+from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
 from infermesh.gpu_worker.engine import Engine
 
@@ -159,14 +159,5 @@ async def serve(config: WorkerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = config_from_argv(WorkerConfig, "infermesh worker", argv,
-                              "A GPU worker: one engine (vLLM or simulated) streaming tokens over gRPC.")
-    configure_logging("worker", config.log_level, config.log_format)
-    try:
-        return asyncio.run(serve(config))
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    except Exception:
-        logger.exception("the worker failed")
-        return 1
+    return run_service("worker", WorkerConfig, argv,
+                       "A GPU worker: one engine (vLLM or simulated) streaming tokens over gRPC.", serve)

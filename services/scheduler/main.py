@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
 import socket
 from collections.abc import Sequence
 
-from infermesh.common.config import ServiceConfig, config_from_argv, option
-from infermesh.common.logs import configure_logging
+from infermesh.common.config import ServiceConfig, option
+from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
 from infermesh.scheduler.policies import POLICIES
 
@@ -77,6 +76,8 @@ class SchedulerConfig(ServiceConfig):
 
 
 async def serve(config: SchedulerConfig) -> None:
+    if not config.workers and not config.workers_dns:
+        logger.warning("no workers configured (--workers or --workers-dns): every Admit will fail")
     from infermesh.common.channels import configure_tls
     from infermesh.scheduler.dispatcher import Dispatcher, Limits
     from infermesh.scheduler.policies import make_policy
@@ -109,14 +110,5 @@ async def serve(config: SchedulerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = config_from_argv(SchedulerConfig, "infermesh scheduler", argv,
-                              "Admission control and routing of requests to workers.")
-    configure_logging("scheduler", config.log_level, config.log_format)
-    if not config.workers and not config.workers_dns:
-        logger.warning("no workers configured (--workers or --workers-dns): every Admit will fail")
-    try:
-        asyncio.run(serve(config))
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    return 0
+    return run_service("scheduler", SchedulerConfig, argv,
+                       "Admission control and routing of requests to workers.", serve)

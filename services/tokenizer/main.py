@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermesh.common.config import ServiceConfig, config_from_argv, option
-from infermesh.common.logs import configure_logging
+from infermesh.common.config import ServiceConfig, option
+from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
 
 logger = logging.getLogger(__name__)
@@ -68,12 +67,5 @@ async def serve(config: TokenizerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = config_from_argv(TokenizerConfig, "infermesh tokenizer", argv,
-                              "Chat templates and tokenization over gRPC.")
-    configure_logging("tokenizer", config.log_level, config.log_format)
-    try:
-        asyncio.run(serve(config))
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    return 0
+    return run_service("tokenizer", TokenizerConfig, argv,
+                       "Chat templates and tokenization over gRPC.", serve)

@@ -153,3 +153,12 @@ def test_invalid_configuration_exits_2_with_every_problem(tmp_path: Path) -> Non
     assert "port must be a port number" in result.stderr
     assert "has no tokenizer.json" in result.stderr
     assert "threads must be >= 1" in result.stderr
+
+
+def test_port_in_use_exits_1_with_a_clear_message(tokenizer_proc: ServiceProcess, model_dir: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "infermesh.cli", "tokenizer", "--port", str(tokenizer_proc.port),
+                             "--metrics-port", "0", "--model", str(model_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot start: cannot bind 127.0.0.1:{tokenizer_proc.port} (port in use?)" in result.stderr
+    assert "Traceback" not in result.stderr
