@@ -194,7 +194,8 @@ def overload_scenario(args, model_dir: Path, name: str, urls: dict[str, str], wo
             "sustainable_rps": sustainable, "sustainable_from": source, "slo_s": args.slo, "drain_s": args.drain,
             "order": order, "mesh_admission": f"scheduler --max-queue {args.mesh_max_queue}, --queue-timeout "
             f"{args.mesh_queue_timeout:g} s (INFERMESH_MAX_QUEUE, INFERMESH_QUEUE_TIMEOUT); SSE keep-alive every "
-            f"{args.mesh_keepalive:g} s (INFERMESH_KEEPALIVE); workers' own "
+            f"{args.mesh_keepalive:g} s and first-event wait as long (INFERMESH_KEEPALIVE, INFERMESH_FIRST_EVENT_WAIT: "
+            "vLLM's load generator fails a stream that holds an SSE comment); workers' own "
             "capacity check at max_num_seqs", **summary, "targets": results.overload_targets(
                 summary["vllm"], summary["mesh"], args.slo)}
 
@@ -248,9 +249,12 @@ def mesh_env(args) -> dict[str, str]:
     # vLLM's load generator strips each network chunk before it looks for the blank line that ends an SSE
     # event, so an SSE comment arriving on its own (the frontend's keep-alive, sent after --keepalive
     # seconds without a token) glues onto the next event and the request counts as failed. vLLM's server
-    # sends no comments; the mesh's keep-alive is pushed past any stream of this benchmark.
+    # sends no comments; the mesh's keep-alive is pushed past any stream of this benchmark. The frontend
+    # also sends one right after committing to 200 when the first token takes longer than
+    # --first-event-wait, so that wait is as long: the status then comes with the first token (the TTFT
+    # a client sees is the same).
     return {"INFERMESH_MAX_QUEUE": str(args.mesh_max_queue), "INFERMESH_QUEUE_TIMEOUT": str(args.mesh_queue_timeout),
-            "INFERMESH_KEEPALIVE": str(args.mesh_keepalive)}
+            "INFERMESH_KEEPALIVE": str(args.mesh_keepalive), "INFERMESH_FIRST_EVENT_WAIT": str(args.mesh_keepalive)}
 
 
 def main(argv: list[str] | None = None) -> int:
