@@ -11,6 +11,7 @@ from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
 from infermesh.frontend.completions_api import CompletionsApi
+from infermesh.frontend.drain import IMMEDIATE_FAIL_HEADER, Drain
 from infermesh.frontend.errors import RouteNotFound, error_body, http_status, retry_after_header
 from infermesh.frontend.openapi import openapi_schema
 from infermesh.frontend.serving import ServingOptions
@@ -36,10 +37,11 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 class RequestMetrics:
-    """Outermost middleware: counts responses by route and status code."""
+    """Outermost middleware: counts responses by route and status code; marks responses while draining."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
         self.app = app
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,11 +50,15 @@ class RequestMetrics:
         path = scope.get("path", "")
         route = path if path in ROUTES else "other"
         status = 0
+        drain = self.drain
+        drain.touch()
 
         async def counting_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if drain.draining:
+                    message = {**message, "headers": [*message.get("headers", []), IMMEDIATE_FAIL_HEADER]}
             await send(message)
         try:
             await self.app(scope, receive, counting_send)
@@ -60,8 +66,10 @@ class RequestMetrics:
             metrics.HTTP_REQUESTS.labels(route=route, code=str(status or 499)).inc()
 
 
-def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_body_bytes: int) -> ASGIApp:
+def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_body_bytes: int,
+               drain: Drain | None = None) -> ASGIApp:
     api = CompletionsApi(backends, keys, options, max_body_bytes)
+    drain = drain or Drain()
 
     async def models(request: Request) -> Response:
         keys.tenant(request.headers.get("authorization"))
@@ -71,6 +79,8 @@ def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_b
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: Request) -> Response:
+        if drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         ok, checks = await backends.health()
         return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
 
@@ -106,4 +116,4 @@ def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_b
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ], exception_handlers={InfermeshError: handled, Exception: handled, 404: not_found, 405: not_found})
-    return RequestMetrics(app)
+    return RequestMetrics(app, drain)

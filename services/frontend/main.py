@@ -28,6 +28,8 @@ class FrontendConfig(ServiceConfig):
     first_event_wait: float = option(1.0, "Seconds a stream waits for a quick error before committing to 200.")
     admit_timeout: float = option(0.0, "Upper bound on waiting for admission, seconds (0: the scheduler's).")
     preload_model: list[str] = option(factory=list, help="Models whose tokenizer to fetch at start-up.")
+    drain_delay: float = option(5.0, "On SIGTERM, keep taking new requests until none came for 1 s, at most this "
+                                     "long, while the edge routes around this frontend (0: stop at once).")
 
     def __repr__(self) -> str:  # never print the keys
         return f"FrontendConfig(http_port={self.http_port}, port={self.port})"
@@ -38,6 +40,8 @@ class FrontendConfig(ServiceConfig):
             problems.append(f"http_port must be a port number, got {self.http_port}")
         if self.max_body_bytes < 1024:
             problems.append("max_body_bytes must be at least 1024")
+        if self.drain_delay < 0:
+            problems.append("drain_delay must be >= 0")
         if self.keepalive <= 0 or self.first_event_wait < 0 or self.admit_timeout < 0:
             problems.append("keepalive must be > 0; first_event_wait and admit_timeout >= 0")
         from infermesh.common.errors import InvalidRequest
@@ -88,6 +92,7 @@ async def serve(config: FrontendConfig) -> None:
     from infermesh.common.channels import configure_tls
     from infermesh.frontend.auth import ApiKeys
     from infermesh.frontend.backends import Backends
+    from infermesh.frontend.drain import Drain
     from infermesh.frontend.grpc_api import InferenceService
     from infermesh.frontend.http_app import create_app
     from infermesh.frontend.serving import ServingOptions
@@ -98,11 +103,20 @@ async def serve(config: FrontendConfig) -> None:
     backends = Backends(config.tokenizer, config.scheduler)
     options = ServingOptions(keepalive=config.keepalive, first_event_wait=config.first_event_wait,
                              admit_timeout=config.admit_timeout or None)
-    http = _HttpServer(create_app(backends, keys, options, config.max_body_bytes), config)
+    drain = Drain()
+    http = _HttpServer(create_app(backends, keys, options, config.max_body_bytes, drain), config)
+
+    async def on_drain() -> None:
+        drain.start()
+        if config.drain_delay > 0:
+            waited = await drain.wait_quiet(quiet=min(1.0, config.drain_delay), limit=config.drain_delay)
+            logger.info("no new requests for %.1fs; closing the HTTP listener", waited)
+        await http.stop()
+
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
     service = InferenceService(backends, keys, options)
     server = GrpcServer("frontend", config, [(inference_pb2_grpc.add_InferenceServicer_to_server, service, name)],
-                        on_drain=http.stop)
+                        on_drain=on_drain)
 
     async def ready() -> None:
         await http.start()

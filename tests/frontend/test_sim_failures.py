@@ -130,10 +130,25 @@ async def test_sigterm_drains_in_flight_streams_then_exits_0(sim_mesh_factory) -
         port = mesh.workers[0].metrics_port
         await asyncio.to_thread(wait_for, lambda: metric_value(scrape(port), "vllm:num_requests_running") >= 1, 10)
         mesh.frontend.signal(signal.SIGTERM)
+        # Draining: the edge is told at once, and what still arrives is served.
+        health = await asyncio.wait_for(_poll_until_draining(client), 10)
+        assert health.json() == {"status": "draining"}
+        assert health.headers["x-envoy-immediate-health-check-fail"] == "true"
+        late = await client.post("/v1/completions", json={**body, "max_tokens": 3, "stream": False})
+        assert late.status_code == 200 and late.json()["usage"]["completion_tokens"] == 3
+        assert late.headers["x-envoy-immediate-health-check-fail"] == "true"
         result = await task
     assert result.events[-1] == "[DONE]" and not result.errors
     assert result.usage["completion_tokens"] == 60
     assert await asyncio.to_thread(mesh.frontend.wait, 15) == 0
+
+
+async def _poll_until_draining(client: httpx.AsyncClient) -> httpx.Response:
+    while True:
+        reply = await client.get("/health")
+        if reply.status_code == 503:
+            return reply
+        await asyncio.sleep(0.02)
 
 
 async def test_a_cancelled_grpc_generate_cancels_the_worker_stream(sim_mesh_factory) -> None:
