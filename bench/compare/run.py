@@ -239,8 +239,8 @@ def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, A
     return {"dataset": f"prefix {args.prefix_len} tokens x {args.num_prefixes} prefixes, suffix "
                        f"{args.suffix_len}, {args.prefix_output_len} out, {args.prefix_prompts} prompts",
             "concurrency": args.prefix_concurrency, "rounds": args.rounds, "point": point, "per_round": rounds,
-            "vllm_side": "two vLLM servers (same settings as above) behind a connection-level round-robin TCP "
-                         "proxy (bench/compare/servers.py)",
+            "vllm_side": "two vLLM servers behind a connection-level round-robin TCP proxy "
+                         "(bench/compare/servers.py)",
             "mesh_side": "`infermesh up --workers 2` (prefix-affinity routing, the scheduler's default)",
             "engines": f"every engine: {' '.join(mesh_extra)} (VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']})"}
 
