@@ -32,6 +32,8 @@ from infermesh.v1 import common_pb2, scheduler_pb2, worker_pb2
 
 logger = logging.getLogger(__name__)
 
+_TIMER = object()  # marks a wake-up by a waiting reader's timeout, not by news
+
 # Worker failures after which a request gives up (each excludes one more worker).
 MAX_ATTEMPTS = 4
 _RETRY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
@@ -99,6 +101,7 @@ class Generation:
         self.started_at = time.perf_counter()
         self._last_token_at = 0.0
         self._changed = asyncio.Event()
+        self._woken_by: object = None  # what set _changed last: news, or only a waiting reader's timer
         self._tasks: set[asyncio.Task[None]] = set()
         self._prefix = block_hashes(inp.prompt_ids)
 
@@ -119,16 +122,27 @@ class Generation:
         """Until there is something new to take (or `timeout` seconds, to send a keep-alive)."""
         if self._changed.is_set():
             return
-        handle = asyncio.get_running_loop().call_later(timeout, self._changed.set) if timeout else None
+        handle = asyncio.get_running_loop().call_later(timeout, self._timer_fired) if timeout else None
         try:
             await self._changed.wait()
         finally:
             if handle is not None:
                 handle.cancel()
+        if self._woken_by is _TIMER:
+            # Only the time passed: the next wait must wait again, not return at once.
+            self._changed.clear()
+
+    def _timer_fired(self) -> None:
+        self._woken_by = _TIMER
+        self._changed.set()
+
+    def _notify(self) -> None:
+        self._woken_by = None
+        self._changed.set()
 
     def wake(self) -> None:
         """Makes `wait` return (the reader has something else to look at)."""
-        self._changed.set()
+        self._notify()
 
     def take(self) -> list[Delta]:
         """Everything produced since the last call, one delta per choice that changed."""
@@ -164,7 +178,7 @@ class Generation:
     def _fail(self, exc: InfermeshError) -> None:
         if self.error is None:
             self.error = exc
-        self._changed.set()
+        self._notify()
 
     async def _call(self, indices: list[int], generated: list[int]) -> None:
         try:
@@ -296,4 +310,4 @@ class Generation:
         if text:
             choice.text.append(text)
             choice.pending_text.append(text)
-        self._changed.set()
+        self._notify()

@@ -197,3 +197,17 @@ async def test_requests_of_n_choices_at_capacity_are_never_refused_by_a_worker(s
         assert len(reply.json()["choices"]) == body["n"]
         assert reply.json()["usage"]["completion_tokens"] == 20 * body["n"]
     assert metric_value(metrics, "infermesh_frontend_worker_retries_total") == 0
+
+
+async def test_a_slow_first_token_gets_no_early_keepalive(sim_mesh_factory) -> None:
+    # The first token takes longer than the wait for a quick error, but less than a keep-alive interval:
+    # the stream carries data only (a lone comment first trips some SSE clients, vLLM's load generator one).
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=600, sim_itl_ms=5,
+                            frontend={"keepalive": 3.0, "first_event_wait": 0.2})
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 4}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
+            raw = b"".join([chunk async for chunk in reply.aiter_raw()]).decode()
+    assert reply.status_code == 200
+    assert raw.startswith("data: ") and ": keep-alive" not in raw
+    assert raw.rstrip().endswith("data: [DONE]")
