@@ -10,13 +10,12 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("infermesh.common.prepare_cli", "Prepare the default model (idempotent)."),
     "tokenizer": ("infermesh.tokenizer.main", "Run the tokenizer service."),
-    "scheduler": ("infermesh.scheduler.main", "Run the scheduler service (admission and routing)."),
     "frontend": ("infermesh.frontend.main", "Run the frontend (OpenAI HTTP API and gRPC API)."),
     "up": ("infermesh.supervisor.main", "Run the whole mesh on this machine (what `make up` runs)."),
     "probe": ("infermesh.supervisor.probe", "Check a service's health (for container health checks)."),
     "scheduler": ("infermesh.scheduler.main", "Run the scheduler service (admission and routing)."),
     "worker": ("infermesh.gpu_worker.main", "Run a GPU worker (vLLM engine, or --engine sim)."),
-    "bench": ("bench.__main__", "Benchmark the mesh against vLLM's own server (from the repository)."),
+    "bench": ("infermesh.bench_cli", "Benchmark the mesh against vLLM's own server (from a checkout)."),
 }
 
 

@@ -36,3 +36,14 @@ def test_public_generate_request_has_the_contract_fields() -> None:
     assert {"max_tokens", "temperature", "top_p", "seed", "stop"} <= sampling
     chunk = set(inference_pb2.GenerateResponse.DESCRIPTOR.fields_by_name)
     assert {"text", "token_ids", "finish_reason", "usage"} <= chunk
+
+
+def test_every_cli_command_imports_and_has_help(tmp_path: Path) -> None:
+    from infermesh.cli import COMMANDS
+
+    for command in COMMANDS:
+        # Run from elsewhere than the repository, as the installed `infermesh` command is.
+        result = subprocess.run([str(Path(sys.executable).parent / "infermesh"), command, "--help"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"infermesh {command} --help: {result.stderr[-2000:]}"
+        assert "usage" in result.stdout.lower(), command
