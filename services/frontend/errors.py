@@ -39,7 +39,8 @@ _HTTP: tuple[tuple[type[BaseException], int, str], ...] = (
     (Unauthenticated, 401, "authentication_error"),
     (NotFound, 404, "not_found_error"),
     (Overloaded, 429, "rate_limit_error"),
-    (DeadlineExceeded, 503, "service_unavailable_error"),
+    # Waiting longer than the admission queue allows is overload too: retry later.
+    (DeadlineExceeded, 429, "rate_limit_error"),
     (Unavailable, 503, "service_unavailable_error"),
     (Cancelled, 499, "cancelled"),
 )
@@ -73,8 +74,9 @@ def error_json(exc: BaseException) -> bytes:
 
 def retry_after_header(exc: BaseException) -> dict[str, str]:
     """`Retry-After` (whole seconds, at least 1) for a 429."""
-    if isinstance(exc, Overloaded):
-        seconds = exc.retry_after if exc.retry_after is not None else 1.0
+    if isinstance(exc, (Overloaded, DeadlineExceeded)):
+        retry_after = getattr(exc, "retry_after", None)
+        seconds = retry_after if retry_after is not None else 1.0
         return {"retry-after": str(max(1, math.ceil(seconds)))}
     return {}
 

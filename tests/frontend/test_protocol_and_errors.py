@@ -93,7 +93,7 @@ def test_completion_prompts() -> None:
     (NotFound("no model", param="model"), 404, "not_found_error"),
     (Overloaded("busy", retry_after=2.2), 429, "rate_limit_error"),
     (Unavailable("down"), 503, "service_unavailable_error"),
-    (DeadlineExceeded("late"), 503, "service_unavailable_error"),
+    (DeadlineExceeded("waited too long in the queue"), 429, "rate_limit_error"),
     (InfermeshError("bug"), 500, "internal_server_error"),
     (KeyError("secret detail"), 500, "internal_server_error"),
 ])
@@ -109,6 +109,7 @@ def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert retry_after_header(Overloaded("busy", retry_after=2.2)) == {"retry-after": "3"}
     assert retry_after_header(Overloaded("busy", retry_after=0.01)) == {"retry-after": "1"}
     assert retry_after_header(Overloaded("busy")) == {"retry-after": "1"}
+    assert retry_after_header(DeadlineExceeded("waited too long")) == {"retry-after": "1"}
     assert retry_after_header(InvalidRequest("x")) == {}
 
 

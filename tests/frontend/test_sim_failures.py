@@ -211,3 +211,19 @@ async def test_a_slow_first_token_gets_no_early_keepalive(sim_mesh_factory) -> N
     assert reply.status_code == 200
     assert raw.startswith("data: ") and ": keep-alive" not in raw
     assert raw.rstrip().endswith("data: [DONE]")
+
+
+async def test_a_request_that_waits_past_the_queue_timeout_gets_429(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20, max_num_seqs=1,
+                            scheduler={"queue_timeout": 0.3})
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 60}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
+        worker_port = mesh.workers[0].metrics_port
+        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
+                                >= 1, 10)
+        late = await client.post("/v1/completions", json={**body, "max_tokens": 2})
+        assert (await first).finish() == "length"
+    assert late.status_code == 429, late.text
+    assert late.json()["error"]["type"] == "rate_limit_error"
+    assert int(late.headers["retry-after"]) >= 1
