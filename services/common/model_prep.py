@@ -40,6 +40,15 @@ def default_model_dir() -> Path:
     return infermesh_home() / "models" / DEFAULT_MODEL_NAME
 
 
+def parse_model_spec(spec: str) -> tuple[str, Path]:
+    """A served model from `NAME=DIR` or `DIR` (named after the directory)."""
+    if "=" in spec:
+        name, _, directory = spec.partition("=")
+        return name.strip(), Path(directory).expanduser()
+    path = Path(spec).expanduser()
+    return path.name, path
+
+
 def _say(message: str) -> None:
     print(f"[prepare-model] {message}", file=sys.stderr, flush=True)
 

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermesh.common.config import ServiceConfig, option
+from infermesh.common.model_prep import parse_model_spec
 from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
 from infermesh.gpu_worker.engine import Engine
@@ -75,24 +76,15 @@ class WorkerConfig(ServiceConfig):
         if self.tensor_parallel_size < 1:
             problems.append("tensor_parallel_size must be >= 1")
         if self.model:
-            _, path = parse_model(self.model)
+            _, path = parse_model_spec(self.model)
             if self.engine == "vllm" and not (path / "config.json").is_file():
                 problems.append(f"model {self.model!r}: {path} is not a model directory (no config.json)")
         return problems
 
 
-def parse_model(spec: str) -> tuple[str, Path]:
-    """`NAME=DIR` or `DIR` (named after the directory)."""
-    if "=" in spec:
-        name, _, path = spec.partition("=")
-        return name.strip(), Path(path).expanduser()
-    path = Path(spec).expanduser()
-    return path.name, path
-
-
 def model_spec(config: WorkerConfig) -> tuple[str, Path]:
     if config.model:
-        return parse_model(config.model)
+        return parse_model_spec(config.model)
     from infermesh.common.model_prep import default_model_dir, is_complete
 
     default = default_model_dir()

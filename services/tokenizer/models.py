@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from infermesh.common.errors import InvalidRequest, NotFound
+from infermesh.common.model_prep import parse_model_spec  # noqa: F401 - re-exported for callers
 from infermesh.tokenizer.chat_template import ChatTemplate
 from tokenizers import Tokenizer
 
@@ -68,15 +69,6 @@ def _ids(value: Any) -> list[int]:
     if isinstance(value, list):
         return [v for v in value if isinstance(v, int)]
     return []
-
-
-def parse_model_spec(spec: str) -> tuple[str, Path]:
-    """`NAME=DIR` or `DIR` (named after the directory)."""
-    if "=" in spec:
-        name, _, directory = spec.partition("=")
-        return name.strip(), Path(directory).expanduser()
-    path = Path(spec).expanduser()
-    return path.name, path
 
 
 @dataclass
