@@ -33,12 +33,22 @@ async def test_kill_9_of_a_worker_under_200_streams(sim_mesh_factory, report, ru
         victim = mesh.workers[rng.randrange(2)]
         started = time.monotonic()
         streams = [asyncio.create_task(stream_sse(client, "/v1/completions", b)) for b in bodies]
-        # A random moment while the victim is streaming.
+        # A random moment while the victim is streaming, chosen by its progress rather than by the clock
+        # (on a busy machine a random sleep can land after the victim's streams are all done): once the
+        # streams it runs have made between 1 token and 40% of their tokens.
         deadline = time.monotonic() + 30
-        while metric_value(await asyncio.to_thread(scrape, victim.metrics_port), "vllm:num_requests_running") < 1:
+        while True:
+            text = await asyncio.to_thread(scrape, victim.metrics_port)
+            holding = metric_value(text, "vllm:num_requests_running")
+            if holding >= 1:
+                break
             assert time.monotonic() < deadline, "the victim never got a request"
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(rng.uniform(0.0, MAX_TOKENS * ITL_MS / 1000 * 0.5))
+            await asyncio.sleep(0.01)
+        target = metric_value(text, "vllm:generation_tokens_total") + rng.randint(1, int(holding * MAX_TOKENS * 0.4))
+        while metric_value(await asyncio.to_thread(scrape, victim.metrics_port),
+                           "vllm:generation_tokens_total") < target:
+            assert time.monotonic() < deadline, "the victim stopped making progress"
+            await asyncio.sleep(0.01)
         running = metric_value(await asyncio.to_thread(scrape, victim.metrics_port), "vllm:num_requests_running")
         victim.kill()
         killed_at = time.monotonic() - started
