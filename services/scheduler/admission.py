@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class _Level:
     tenants: dict[str, collections.deque[Ticket]] = field(default_factory=dict)
     ring: collections.deque[str] = field(default_factory=collections.deque)
     credit: int = 0  # turns left for ring[0]
+    live: dict[str, int] = field(default_factory=dict)  # tenant -> tickets still waiting
 
 
 class FairQueue:
@@ -83,14 +85,24 @@ class FairQueue:
             if len(lv.ring) == 1:
                 lv.credit = self._weight(ticket.tenant)
         queue.append(ticket)
+        lv.live[ticket.tenant] = lv.live.get(ticket.tenant, 0) + 1
         self._live[level] += 1
         self._len += 1
+
+    def _unlive(self, lv: _Level, tenant: str) -> None:
+        left = lv.live[tenant] - 1
+        if left:
+            lv.live[tenant] = left
+        else:
+            del lv.live[tenant]
 
     def discard(self, ticket: Ticket) -> None:
         """Marks a waiting ticket dead (it leaves when it reaches the front)."""
         if not ticket.dead:
             ticket.dead = True
-            self._live[priority_level(ticket.priority)] -= 1
+            level = priority_level(ticket.priority)
+            self._unlive(self._levels[level], ticket.tenant)
+            self._live[level] -= 1
             self._len -= 1
 
     def _front(self, lv: _Level) -> Ticket | None:
@@ -126,6 +138,7 @@ class FairQueue:
         tenant = lv.ring[0]
         queue = lv.tenants[tenant]
         queue.popleft()
+        self._unlive(lv, tenant)
         self._live[level] -= 1
         self._len -= 1
         lv.credit -= 1
@@ -137,6 +150,21 @@ class FairQueue:
             lv.ring.rotate(-1)
             lv.credit = self._weight(lv.ring[0])
         return ticket
+
+    def ahead(self, tenant: str, priority: int) -> int:
+        """About how many waiting tickets a new one of `tenant` at `priority` would be served after.
+
+        Every higher priority first; within its own, its tenant's earlier tickets and, from each
+        other tenant, at most what weighted round-robin serves in the turns until its own.
+        """
+        level = priority_level(priority)
+        n = sum(self._live[higher] for higher in LEVELS if higher < level)
+        lv = self._levels[level]
+        mine = lv.live.get(tenant, 0)
+        turns = mine // self._weight(tenant) + 1
+        for other, count in lv.live.items():
+            n += count if other == tenant else min(count, turns * self._weight(other))
+        return n
 
     def drain(self) -> list[Ticket]:
         """Removes and returns every live ticket."""
@@ -168,3 +196,51 @@ class DrainRate:
         if rate is None:
             return min(ceiling, default)
         return min(ceiling, max(floor, depth / rate))
+
+
+class ServiceRate:
+    """How fast the queue moves while somebody waits: departures per second of busy time.
+
+    Busy time is time with at least one ticket waiting, so idle periods (when
+    capacity frees with nobody to take it) neither dilute nor age the estimate.
+    Departures are weighted by exp(-age / tau), age in busy seconds, with the
+    weights' normalisation for a short history; a queue that stops moving
+    decays towards 0. `rate` is None until `min_samples` departures were seen.
+    """
+
+    def __init__(self, tau: float = 5.0, min_samples: int = 8) -> None:
+        self.tau = tau
+        self.min_samples = min_samples
+        self.samples = 0
+        self._busy = 0.0  # busy seconds before the current busy period
+        self._since: float | None = None  # start of the current busy period
+        self._weight = 0.0  # decayed departure count as of busy time `_at`
+        self._at = 0.0
+
+    def _busy_time(self, now: float) -> float:
+        return self._busy + (now - self._since if self._since is not None else 0.0)
+
+    def busy(self, now: float, waiting: bool) -> None:
+        """Tells whether tickets are waiting from `now` on."""
+        if waiting:
+            if self._since is None:
+                self._since = now
+        elif self._since is not None:
+            self._busy += max(0.0, now - self._since)
+            self._since = None
+
+    def record(self, now: float) -> None:
+        """One ticket left the queue with a grant."""
+        at = self._busy_time(now)
+        self._weight = self._weight * math.exp((self._at - at) / self.tau) + 1.0
+        self._at = at
+        self.samples += 1
+
+    def rate(self, now: float) -> float | None:
+        if self.samples < self.min_samples:
+            return None
+        at = self._busy_time(now)
+        norm = self.tau * -math.expm1(-at / self.tau)
+        if norm <= 0:
+            return None
+        return self._weight * math.exp((self._at - at) / self.tau) / norm

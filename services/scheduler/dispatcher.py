@@ -5,6 +5,12 @@ waiting for the model; otherwise the request waits in the model's `FairQueue`
 until capacity frees up (a load report, a release, an expiry), its queue
 timeout or deadline passes, or the caller goes away. All state lives on one
 event loop: no locks, O(workers) work per grant.
+
+With a time-to-first-token SLO (`Limits.ttft_slo`), a request waits at most
+`Limits.budget()` (a share of the SLO, and never past the queue timeout), then
+is refused as overloaded; one whose expected wait (its place in the queue over
+the rate the queue has been moving, `ServiceRate`) already exceeds the budget
+is refused at once.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, Unavailable
 from infermesh.scheduler import metrics
-from infermesh.scheduler.admission import PRIORITY_NAMES, DrainRate, FairQueue, Ticket, priority_level
+from infermesh.scheduler.admission import PRIORITY_NAMES, DrainRate, FairQueue, ServiceRate, Ticket, priority_level
 from infermesh.scheduler.capacity import State, WorkerCapacity
 from infermesh.scheduler.leases import Lease, LeaseTable
 from infermesh.scheduler.policies import Policy
@@ -31,6 +37,14 @@ class Limits:
     max_queue: int = 128
     queue_timeout: float = 30.0
     lease_ttl: float = 10.0
+    ttft_slo: float = 0.0  # seconds; 0: no SLO
+    slo_queue_share: float = 0.5  # of the SLO a request may spend waiting for admission
+
+    def budget(self) -> float | None:
+        """The longest an SLO lets a request wait in the queue (None without an SLO)."""
+        if self.ttft_slo <= 0:
+            return None
+        return min(self.queue_timeout, self.ttft_slo * self.slo_queue_share)
 
 
 @dataclass
@@ -46,6 +60,7 @@ class ModelInfo:
     simulated: bool = False
     queue: FairQueue = field(default_factory=FairQueue)
     drain: DrainRate = field(default_factory=DrainRate)
+    service: ServiceRate = field(default_factory=ServiceRate)
 
 
 class Dispatcher:
@@ -135,8 +150,11 @@ class Dispatcher:
         if not model or self._ready(model):
             return
         m = self.models.get(model)
-        for ticket in m.queue.drain() if m else ():
+        if m is None:
+            return
+        for ticket in m.queue.drain():
             self._settle(ticket, Unavailable(f"no worker serves model {model!r} now"), "no_worker")
+        m.service.busy(self.clock(), False)
         self._observe_depth(model)
 
     def _ready(self, model: str) -> list[WorkerCapacity]:
@@ -186,7 +204,9 @@ class Dispatcher:
             reason = {InvalidRequest: "invalid", NotFound: "unknown_model"}.get(type(exc), "no_worker")
             metrics.REJECTED.labels(reason).inc()
             raise
-        wait = self.limits.queue_timeout if timeout is None else min(timeout, self.limits.queue_timeout)
+        budget = self.limits.budget()
+        limit = self.limits.queue_timeout if budget is None else budget
+        wait = limit if timeout is None else min(timeout, limit)
         if wait <= 0:
             metrics.REJECTED.labels("deadline").inc()
             raise DeadlineExceeded("the request's deadline passed before it was admitted")
@@ -203,8 +223,11 @@ class Dispatcher:
             raise Overloaded(f"the admission queue of {ticket.model!r} is full ({len(model.queue)} waiting)",
                              retry_after=model.drain.retry_after(len(model.queue), now,
                                                                  ceiling=self.limits.queue_timeout))
+        if budget is not None:
+            self._forecast(model, ticket, budget, now)
         ticket.future = asyncio.get_running_loop().create_future()
         model.queue.push(ticket)
+        model.service.busy(now, True)
         self._observe_depth(ticket.model, ticket.priority)
         self.dispatch(ticket.model)
         future = ticket.future
@@ -219,14 +242,40 @@ class Dispatcher:
             raise
         if future.done():
             return future.result()  # a grant, or the error that settled it
-        reason = "deadline" if timeout is not None and timeout < self.limits.queue_timeout else "timeout"
+        if timeout is not None and timeout < limit:
+            reason = "deadline"
+        elif budget is not None and budget < self.limits.queue_timeout:
+            reason = "slo_budget"
+        else:
+            reason = "timeout"
         self._give_up(ticket, reason)
         future.cancel()
-        limit = "its deadline" if reason == "deadline" else "the queue timeout"
-        raise DeadlineExceeded(f"no worker had room within {wait:.3g}s ({limit})")
+        if reason == "slo_budget":
+            raise Overloaded(f"no worker had room within {wait:.3g}s, the admission queue's share of the "
+                             f"{self.limits.ttft_slo:g}s TTFT SLO",
+                             retry_after=model.drain.retry_after(len(model.queue), self.clock(), ceiling=wait))
+        what = "its deadline" if reason == "deadline" else "the queue timeout"
+        raise DeadlineExceeded(f"no worker had room within {wait:.3g}s ({what})")
+
+    def _forecast(self, model: ModelInfo, ticket: Ticket, budget: float, now: float) -> None:
+        """Refuses at once a ticket that would likely wait longer than the SLO's budget."""
+        rate = model.service.rate(now)
+        if rate is None or rate <= 0:
+            return  # no history yet: let the budget decide
+        expected = (model.queue.ahead(ticket.tenant, ticket.priority) + 1) / rate
+        if expected <= budget:
+            return
+        metrics.REJECTED.labels("slo_forecast").inc()
+        raise Overloaded(f"the admission queue of {ticket.model!r} moves at {rate:.3g} requests/s: the expected "
+                         f"wait of {expected:.3g}s exceeds {budget:.3g}s, the queue's share of the "
+                         f"{self.limits.ttft_slo:g}s TTFT SLO",
+                         retry_after=min(self.limits.queue_timeout, max(0.05, expected - budget)))
 
     def _give_up(self, ticket: Ticket, reason: str) -> None:
-        self.models[ticket.model].queue.discard(ticket)
+        m = self.models[ticket.model]
+        m.queue.discard(ticket)
+        if not len(m.queue):
+            m.service.busy(self.clock(), False)
         self._observe_depth(ticket.model, ticket.priority)
         metrics.REJECTED.labels(reason).inc()
 
@@ -245,11 +294,14 @@ class Dispatcher:
             served = True
             now = self.clock()
             m.drain.record(now)
+            m.service.record(now)
             waited = now - ticket.enqueued_at
             metrics.QUEUE_TIME.labels(model_name).observe(waited)
             assert ticket.future is not None
             ticket.future.set_result(Grant(lease, waited))
         if served:
+            if not len(queue):
+                m.service.busy(self.clock(), False)
             self._observe_depth(model_name)
 
     def _settle(self, ticket: Ticket, exc: Exception, reason: str) -> None:

@@ -28,6 +28,11 @@ class SchedulerConfig(ServiceConfig):
     max_queue: int = option(128, "Requests that may wait per model; more are refused (RESOURCE_EXHAUSTED).")
     queue_timeout: float = option(30.0, "Seconds a request may wait for a worker (then DEADLINE_EXCEEDED).")
     lease_ttl: float = option(10.0, "Seconds a lease lives if its worker never reports it started.")
+    ttft_slo: float = option(0.0, "Time-to-first-token SLO in seconds (0: none). A request waits for a worker at most "
+                             "--ttft-slo-queue-share of it (and never past --queue-timeout), then is refused "
+                             "(RESOURCE_EXHAUSTED, retry-after); one whose expected wait is longer is refused at once.")
+    ttft_slo_queue_share: float = option(0.5, "Share of --ttft-slo a request may spend in the admission queue; "
+                                         "the rest is left for the path, prefill and the first token.")
     balance_abs_threshold: int = option(8, "prefix_affinity: balance instead when the cached worker holds more "
                                         "than this many sequences beyond the least-loaded one ...")
     balance_rel_threshold: float = option(1.5, "... and more than this many times its load.")
@@ -58,6 +63,10 @@ class SchedulerConfig(ServiceConfig):
         for name in ("dns_interval", "queue_timeout", "lease_ttl", "stale_after", "balance_rel_threshold"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.ttft_slo < 0:
+            problems.append(f"ttft_slo must be >= 0 (0: none), got {self.ttft_slo}")
+        if not 0 < self.ttft_slo_queue_share <= 1:
+            problems.append(f"ttft_slo_queue_share must be in (0, 1], got {self.ttft_slo_queue_share}")
         for name in ("max_queue", "balance_abs_threshold", "prefix_index_blocks"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -89,8 +98,9 @@ async def serve(config: SchedulerConfig) -> None:
     policy = make_policy(config.policy, balance_abs_threshold=config.balance_abs_threshold,
                          balance_rel_threshold=config.balance_rel_threshold,
                          index_blocks=config.prefix_index_blocks)
-    dispatcher = Dispatcher(policy, Limits(config.max_queue, config.queue_timeout, config.lease_ttl),
-                            tenant_weights=config.weights())
+    limits = Limits(config.max_queue, config.queue_timeout, config.lease_ttl, config.ttft_slo,
+                    config.ttft_slo_queue_share)
+    dispatcher = Dispatcher(policy, limits, tenant_weights=config.weights())
     pool = WorkerPool(dispatcher, static=config.workers, dns=config.workers_dns, dns_interval=config.dns_interval,
                       watcher=f"scheduler@{socket.gethostname()}:{os.getpid()}",
                       interval_ms=config.report_interval_ms, stale_after=config.stale_after)
@@ -102,6 +112,8 @@ async def serve(config: SchedulerConfig) -> None:
         await pool.start()
         await pool.wait_first_attempts(timeout=5.0)
         logger.info("scheduler policy %s over %d workers", policy.name, len(pool.watches))
+        if limits.budget() is not None:
+            logger.info("TTFT SLO %gs: a request waits at most %.3gs for admission", limits.ttft_slo, limits.budget())
 
     try:
         await server.serve(ready=ready)

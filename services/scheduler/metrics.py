@@ -12,7 +12,9 @@ QUEUE_DEPTH = Gauge("infermesh_scheduler_queue_depth", "Requests waiting for a l
 ADMITTED = Counter("infermesh_scheduler_admitted_total", "Leases granted.", ["model"])
 REJECTED = Counter("infermesh_scheduler_rejected_total",
                    "Admissions refused, by reason (queue_full, timeout, deadline, no_worker, "
-                   "unknown_model, too_large, invalid, cancelled).", ["reason"])
+                   "unknown_model, too_large, invalid, cancelled; with a TTFT SLO: slo_budget for a wait "
+                   "past the SLO's share, slo_forecast for an expected wait too long, refused at once).",
+                   ["reason"])
 QUEUE_TIME = Histogram("infermesh_scheduler_queue_time_seconds",
                        "Time from arrival to grant (0 when a worker had room at once).", ["model"],
                        buckets=(0.0005,) + LATENCY_BUCKETS)
