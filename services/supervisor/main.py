@@ -37,6 +37,8 @@ class UpConfig:
     log_dir: str = option("", "Directory of the children's logs (default: $INFERMESH_HOME/logs).")
     log_level: str = option("info", "The children's log level.", choices=("debug", "info", "warning", "error"))
     log_format: str = option("text", "The children's log format.", choices=("text", "json"))
+    cpu_placement: bool = option(True, "With vLLM's CPU build: give each worker's model its own cores and run the "
+                                 "rest of the mesh on the cores left (--no-cpu-placement: no pinning).")
     grace_period: float = option(15.0, "Seconds each child gets to drain on stop.")
     start_timeout: float = option(900.0, "Seconds each tier may take to become ready.")
 
@@ -139,6 +141,7 @@ def announce(url: str, model: str, log_dir: Path, elapsed: float, grpc_on_edge: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from infermesh.common import cpus
     from infermesh.common.model_prep import infermesh_home
     from infermesh.supervisor import mesh, ports
     from infermesh.supervisor.readiness import url_host
@@ -167,10 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else infermesh_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    placement = mesh.cpu_plan(config.engine, config.workers, worker_args) if config.cpu_placement else None
+    if placement is not None:
+        _say("CPU placement: " + "; ".join(f"worker-{i} model on cores {cpus.to_text(g)}"
+                                           for i, g in enumerate(placement.workers)) +
+             (f"; everything else on {cpus.to_text(placement.serving)}" if placement.serving
+              else "; no core left over, the rest is not pinned"))
     builder = mesh.MeshBuilder(plan, host=config.host, log_dir=log_dir, engine=config.engine, model=model,
                                policy=config.policy, worker_args=worker_args,
                                common_args=["--log-level", config.log_level, "--log-format", config.log_format,
-                                            "--grace-period", str(config.grace_period)])
+                                            "--grace-period", str(config.grace_period)],
+                               placement=placement)
     tiers = builder.tiers(envoy_binary)
     for _, tier in tiers:
         for child in tier:

