@@ -36,6 +36,8 @@ from tests.fixtures.mesh import build_sim_mesh
 from tests.harness import ServiceProcess, free_port
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a mesh of small services."}]
+# About 128 tokens, like the prompts of `vllm bench serve --dataset-name random --random-input-len 128`.
+PROMPT = " ".join(["Tell me about a mesh of small services that scale on their own, tier by tier."] * 8)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -47,13 +49,18 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-async def one_stream(client: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[int, int]:
+async def one_stream(client: httpx.AsyncClient, model: str, max_tokens: int, api: str = "chat") -> tuple[int, int]:
     """Streams one request; returns (tokens, SSE events), reading the usage of the last event."""
-    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+    body = {"model": model, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
+    if api == "chat":
+        body["messages"] = MESSAGES
+    else:
+        body["prompt"] = PROMPT
     tail = b""
     events = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+    async with client.stream("POST", "/v1/chat/completions" if api == "chat" else "/v1/completions",
+                             json=body) as reply:
         if reply.status_code != 200:
             raise RuntimeError(f"HTTP {reply.status_code}: {await reply.aread()!r}")
         async for chunk in reply.aiter_raw():
@@ -65,19 +72,20 @@ async def one_stream(client: httpx.AsyncClient, model: str, max_tokens: int) -> 
 
 
 async def throughput(url: str, model: str, frontend_pid: int, worker_pid: int, concurrency: int,
-                     max_tokens: int, seconds: float) -> dict[str, float]:
+                     max_tokens: int, seconds: float, api: str = "chat", tokenizer_pid: int = 0) -> dict[str, float]:
     tokens = events = requests = 0
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        await one_stream(client, model, 10)  # warm up (tokenizer definition, channels)
+        await one_stream(client, model, 10, api)  # warm up (tokenizer definition, channels)
         cpu_front, cpu_worker = cpu_seconds(frontend_pid), cpu_seconds(worker_pid)
+        cpu_tok = cpu_seconds(tokenizer_pid) if tokenizer_pid else 0.0
         started = time.perf_counter()
         stop_at = started + seconds
 
         async def loop() -> None:
             nonlocal tokens, events, requests
             while time.perf_counter() < stop_at:
-                n, e = await one_stream(client, model, max_tokens)
+                n, e = await one_stream(client, model, max_tokens, api)
                 tokens += n
                 events += e
                 requests += 1
@@ -85,12 +93,15 @@ async def throughput(url: str, model: str, frontend_pid: int, worker_pid: int, c
         elapsed = time.perf_counter() - started
         cpu_front = cpu_seconds(frontend_pid) - cpu_front
         cpu_worker = cpu_seconds(worker_pid) - cpu_worker
-    return {"concurrency": concurrency, "max_tokens": max_tokens, "requests": requests, "tokens": tokens,
+        cpu_tok = cpu_seconds(tokenizer_pid) - cpu_tok if tokenizer_pid else 0.0
+    return {"api": api, "concurrency": concurrency, "max_tokens": max_tokens, "requests": requests, "tokens": tokens,
             "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed),
             "tokens_per_sse_event": round(tokens / max(1, events), 1),
             "frontend_cpu_s": round(cpu_front, 2), "frontend_cpu_util": round(cpu_front / elapsed, 2),
             "frontend_cpu_us_per_token": round(cpu_front / tokens * 1e6, 2),
-            "worker_cpu_us_per_token": round(cpu_worker / tokens * 1e6, 2)}
+            "frontend_cpu_ms_per_request": round(cpu_front / max(1, requests) * 1e3, 3),
+            "worker_cpu_us_per_token": round(cpu_worker / tokens * 1e6, 2),
+            "tokenizer_cpu_ms_per_request": round(cpu_tok / max(1, requests) * 1e3, 3)}
 
 
 async def ttft(url: str, model: str, tokenizer: str, worker: str, rounds: int) -> dict[str, float]:
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                              "zero-latency engine (it sends every due token in one message), a small ITL makes "
                              "it send about one token per message per stream")
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--api", choices=["chat", "completions"], default="chat",
+                        help="chat: a short chat; completions: a ~128-token text prompt to /v1/completions")
     parser.add_argument("--ttft-rounds", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/frontend.json"))
     args = parser.parse_args(argv)
@@ -148,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                                   sim_prompt_token_ms=0, max_num_seqs=1024)
             try:
                 row = asyncio.run(throughput(mesh.url, mesh.model, mesh.frontend.pid, mesh.workers[0].pid,
-                                             int(concurrency), int(max_tokens), args.seconds))
+                                             int(concurrency), int(max_tokens), args.seconds, args.api,
+                                             tokenizer.pid))
                 row = {"sim_itl_ms": float(itl), **row}
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 import grpc
-from infermesh.common.channels import channel, raw_channel
+from infermesh.common.channels import raw_channel
+from infermesh.common.context import request_metadata
 from infermesh.common.errors import InfermeshError, NotFound, Unavailable, from_rpc_error
 from infermesh.common.server import CHANNEL_OPTIONS
 from infermesh.frontend.detokenizer import TokenizerModel
@@ -41,8 +42,10 @@ class Backends:
     """Channels to the tiers the frontend calls, shared by all requests."""
 
     def __init__(self, tokenizer_address: str, scheduler_address: str) -> None:
-        self.tokenizer_channel = channel(tokenizer_address)
-        self.scheduler_channel = channel(scheduler_address)
+        # Channels without interceptors (a client interceptor costs a task per call): each call
+        # passes the request id as metadata itself.
+        self.tokenizer_channel = raw_channel(tokenizer_address)
+        self.scheduler_channel = raw_channel(scheduler_address)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self.tokenizer_channel)
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel)
         self._workers: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
@@ -72,7 +75,8 @@ class Backends:
                 return self._models[model]
             try:
                 definition = await self.tokenizer.GetTokenizer(
-                    tokenizer_pb2.GetTokenizerRequest(model=model), timeout=RENDER_TIMEOUT)
+                    tokenizer_pb2.GetTokenizerRequest(model=model), timeout=RENDER_TIMEOUT,
+                    metadata=request_metadata())
             except grpc.RpcError as err:
                 raise rpc_error(err, "tokenizer") from None
             built = await asyncio.to_thread(
@@ -84,13 +88,15 @@ class Backends:
 
     async def render(self, request: tokenizer_pb2.RenderRequest) -> tokenizer_pb2.RenderResponse:
         try:
-            return await self.tokenizer.Render(request, timeout=RENDER_TIMEOUT)
+            return await self.tokenizer.Render(request, timeout=RENDER_TIMEOUT,
+                                               metadata=request_metadata(request.context.request_id))
         except grpc.RpcError as err:
             raise rpc_error(err, "tokenizer") from None
 
     async def admit(self, request: scheduler_pb2.AdmitRequest, timeout: float | None) -> scheduler_pb2.Lease:
         try:
-            return await self.scheduler.Admit(request, timeout=timeout)
+            return await self.scheduler.Admit(request, timeout=timeout,
+                                              metadata=request_metadata(request.context.request_id))
         except grpc.RpcError as err:
             exc = rpc_error(err, "scheduler")
             if isinstance(exc, NotFound):
@@ -100,10 +106,12 @@ class Backends:
 
     def release(self, lease_id: str, outcome: int) -> None:
         """Ends a lease in the background (also from a cancelled task)."""
+        metadata = request_metadata()
+
         async def call() -> None:
             try:
                 await self.scheduler.Release(scheduler_pb2.ReleaseRequest(lease_id=lease_id, outcome=outcome),
-                                             timeout=CONTROL_TIMEOUT)
+                                             timeout=CONTROL_TIMEOUT, metadata=metadata)
             except grpc.RpcError as err:
                 logger.warning("release of lease %s failed: %s", lease_id, err.code().name)
         task = asyncio.get_running_loop().create_task(call())
@@ -116,7 +124,8 @@ class Backends:
         if self._cards is not None and now - self._cards[0] < MODELS_TTL:
             return self._cards[1]
         try:
-            reply = await self.scheduler.ListModels(common_pb2.ListModelsRequest(), timeout=CONTROL_TIMEOUT)
+            reply = await self.scheduler.ListModels(common_pb2.ListModelsRequest(), timeout=CONTROL_TIMEOUT,
+                                                    metadata=request_metadata())
         except grpc.RpcError as err:
             raise rpc_error(err, "scheduler") from None
         cards = list(reply.models)
@@ -127,12 +136,14 @@ class Backends:
         """Whether a request can be served: tokenizer, scheduler and a ready worker."""
         checks: dict[str, str] = {}
         try:
-            await self.tokenizer.ListModels(common_pb2.ListModelsRequest(), timeout=CONTROL_TIMEOUT)
+            await self.tokenizer.ListModels(common_pb2.ListModelsRequest(), timeout=CONTROL_TIMEOUT,
+                                            metadata=request_metadata())
             checks["tokenizer"] = "ok"
         except grpc.RpcError as err:
             checks["tokenizer"] = err.code().name
         try:
-            reply = await self.scheduler.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=CONTROL_TIMEOUT)
+            reply = await self.scheduler.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=CONTROL_TIMEOUT,
+                                                     metadata=request_metadata())
             ready = sum(1 for w in reply.workers if w.state == scheduler_pb2.WORKER_STATE_READY)
             checks["scheduler"] = "ok"
             checks["ready_workers"] = str(ready)

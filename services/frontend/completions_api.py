@@ -14,17 +14,16 @@ from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
 from infermesh.frontend.errors import PayloadTooLarge, sse_error_event
+from infermesh.frontend.event_stream import EventStream
 from infermesh.frontend.generation import Generation
 from infermesh.frontend.protocol import ChatCompletionRequest, CompletionRequest, parse
 from infermesh.frontend.responses import DONE, KEEPALIVE, ChatFormat, CompletionFormat
 from infermesh.frontend.serving import ServingOptions, now, start_generation
 from infermesh.v1 import common_pb2
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 async def _disconnected(request: Request) -> None:
@@ -39,10 +38,10 @@ class CompletionsApi:
         self.options = options
         self.max_body_bytes = max_body_bytes
 
-    async def chat(self, request: Request) -> Response:
+    async def chat(self, request: Request) -> Response | EventStream:
         return await self._serve(request, chat=True)
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> Response | EventStream:
         return await self._serve(request, chat=False)
 
     async def read_json(self, request: Request) -> Any:
@@ -60,7 +59,7 @@ class CompletionsApi:
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
-    async def _serve(self, request: Request, *, chat: bool) -> Response:
+    async def _serve(self, request: Request, *, chat: bool) -> Response | EventStream:
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         set_request_id(request_id)
         tenant = self.keys.tenant(request.headers.get("authorization"))
@@ -93,8 +92,8 @@ class CompletionsApi:
         except BaseException:
             await gen.close()
             raise
-        return StreamingResponse(self._sse(gen, fmt, req.include_usage), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        include_usage = req.include_usage
+        return EventStream(lambda stream: self._sse(stream, gen, fmt, include_usage), on_gone=gen.wake)
 
     async def _whole(self, request: Request, gen: Generation, fmt: ChatFormat | CompletionFormat) -> Response:
         logprobs: dict[int, list[common_pb2.TokenLogprob]] = {}
@@ -121,7 +120,7 @@ class CompletionsApi:
         return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
                         media_type="application/json")
 
-    async def _sse(self, gen: Generation, fmt: ChatFormat | CompletionFormat,
+    async def _sse(self, stream: EventStream, gen: Generation, fmt: ChatFormat | CompletionFormat,
                    include_usage: bool) -> AsyncIterator[bytes]:
         keepalive = self.options.keepalive
         active = metrics.ACTIVE_STREAMS.labels(api="http")
@@ -130,6 +129,9 @@ class CompletionsApi:
             yield fmt.start(len(gen.choices))
             while not gen.done:
                 await gen.wait(keepalive)
+                if stream.gone:
+                    logger.info("client went away; cancelling the generation")
+                    return
                 deltas = gen.take()
                 if deltas:
                     yield fmt.chunks(deltas)
