@@ -29,6 +29,8 @@ class Outcome:
     tokens: int = 0
     completed: bool = False
     error: str = ""
+    retry_after: str = ""  # a refusal's Retry-After header
+    message: str = ""  # a refusal's error message (why: a full queue, an expected wait, a wait run out)
 
 
 def random_prompts(model_dir: Path, count: int, length: int, seed: int) -> list[str]:
@@ -50,8 +52,13 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, opened: flo
             out.status = reply.status
             out.status_s = time.perf_counter() - sent
             if reply.status != 200:
-                await reply.read()
+                raw = await reply.read()
                 out.error = reply.reason or ""
+                out.retry_after = reply.headers.get("Retry-After", "")
+                try:
+                    out.message = str(json.loads(raw)["error"]["message"])[:300]
+                except (ValueError, KeyError, TypeError):
+                    out.message = raw[:300].decode(errors="replace")
                 return out
             buffer = b""
             async for chunk in reply.content.iter_any():

@@ -58,12 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sustain-prompts", type=int, default=128)
     p.add_argument("--slo", type=float, default=results.SLO_TTFT_S, help="TTFT SLO in seconds")
     p.add_argument("--drain", type=float, default=30.0, help="seconds in-flight requests get after the window")
-    p.add_argument("--mesh-max-queue", type=int, default=8,
-                   help="the mesh scheduler's admission queue (INFERMESH_MAX_QUEUE) for this run")
-    p.add_argument("--mesh-queue-timeout", type=float, default=0.9,
-                   help="the mesh scheduler's queue timeout in s (INFERMESH_QUEUE_TIMEOUT) for this run")
-    p.add_argument("--mesh-keepalive", type=float, default=120.0,
-                   help="seconds between the frontend's SSE keep-alive comments (INFERMESH_KEEPALIVE; see mesh_env)")
+    p.add_argument("--mesh-max-queue", type=int, default=None,
+                   help="the mesh scheduler's admission queue (INFERMESH_MAX_QUEUE; default: the scheduler's)")
+    p.add_argument("--mesh-queue-timeout", type=float, default=None,
+                   help="the mesh scheduler's queue timeout in s (INFERMESH_QUEUE_TIMEOUT; default: the scheduler's)")
+    p.add_argument("--mesh-keepalive", type=float, default=None,
+                   help="seconds between the frontend's SSE keep-alive comments, and its first-event wait "
+                   "(INFERMESH_KEEPALIVE, INFERMESH_FIRST_EVENT_WAIT; default: the frontend's; see mesh_env)")
     p.add_argument("--prefix-prompts", type=int, default=64)
     p.add_argument("--prefix-concurrency", type=int, default=8)
     p.add_argument("--prefix-len", type=int, default=512)
@@ -192,12 +193,8 @@ def overload_scenario(args, model_dir: Path, name: str, urls: dict[str, str], wo
     plots.overload_timeline(runs, args.slo, args.out_dir / f"{args.name}-overload.png")
     return {"rate": rate, "seconds": args.overload_seconds, "factor": args.overload_factor,
             "sustainable_rps": sustainable, "sustainable_from": source, "slo_s": args.slo, "drain_s": args.drain,
-            "order": order, "mesh_admission": f"scheduler --max-queue {args.mesh_max_queue}, --queue-timeout "
-            f"{args.mesh_queue_timeout:g} s (INFERMESH_MAX_QUEUE, INFERMESH_QUEUE_TIMEOUT); SSE keep-alive every "
-            f"{args.mesh_keepalive:g} s and first-event wait as long (INFERMESH_KEEPALIVE, INFERMESH_FIRST_EVENT_WAIT: "
-            "vLLM's load generator fails a stream that holds an SSE comment); workers' own "
-            "capacity check at max_num_seqs", **summary, "targets": results.overload_targets(
-                summary["vllm"], summary["mesh"], args.slo)}
+            "order": order, "mesh_admission": mesh_admission(args), **summary,
+            "targets": results.overload_targets(summary["vllm"], summary["mesh"], args.slo)}
 
 
 def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, Any]:
@@ -246,15 +243,41 @@ def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, A
 
 
 def mesh_env(args) -> dict[str, str]:
-    # vLLM's load generator strips each network chunk before it looks for the blank line that ends an SSE
-    # event, so an SSE comment arriving on its own (the frontend's keep-alive, sent after --keepalive
-    # seconds without a token) glues onto the next event and the request counts as failed. vLLM's server
-    # sends no comments; the mesh's keep-alive is pushed past any stream of this benchmark. The frontend
-    # also sends one right after committing to 200 when the first token takes longer than
-    # --first-event-wait, so that wait is as long: the status then comes with the first token (the TTFT
-    # a client sees is the same).
-    return {"INFERMESH_MAX_QUEUE": str(args.mesh_max_queue), "INFERMESH_QUEUE_TIMEOUT": str(args.mesh_queue_timeout),
-            "INFERMESH_KEEPALIVE": str(args.mesh_keepalive), "INFERMESH_FIRST_EVENT_WAIT": str(args.mesh_keepalive)}
+    """The mesh's settings for this run: the scheduler admits for the scenario's TTFT SLO (--ttft-slo).
+
+    Queue bound and timeout stay the scheduler's defaults unless given. The frontend keeps its own
+    keep-alive unless --mesh-keepalive is given: vLLM's load generator fails a stream in which an SSE
+    comment arrives on its own, and the frontend sends one only when a stream went --keepalive
+    seconds (after --first-event-wait, for the first token) without a token.
+    """
+    env = {"INFERMESH_TTFT_SLO": str(args.slo)}
+    if args.mesh_max_queue is not None:
+        env["INFERMESH_MAX_QUEUE"] = str(args.mesh_max_queue)
+    if args.mesh_queue_timeout is not None:
+        env["INFERMESH_QUEUE_TIMEOUT"] = str(args.mesh_queue_timeout)
+    if args.mesh_keepalive is not None:
+        env["INFERMESH_KEEPALIVE"] = env["INFERMESH_FIRST_EVENT_WAIT"] = str(args.mesh_keepalive)
+    return env
+
+
+def mesh_admission(args) -> str:
+    """The admission settings the mesh ran with, in words for the report."""
+    from infermesh.scheduler.dispatcher import Limits
+
+    defaults = Limits()
+    max_queue = defaults.max_queue if args.mesh_max_queue is None else args.mesh_max_queue
+    timeout = defaults.queue_timeout if args.mesh_queue_timeout is None else args.mesh_queue_timeout
+    limits = Limits(max_queue, timeout, ttft_slo=args.slo)
+    origin = {True: "the scheduler's default", False: "given"}
+    text = (f"scheduler --ttft-slo {args.slo:g} (INFERMESH_TTFT_SLO): a request waits at most {limits.budget():g} s "
+            f"for admission ({limits.slo_queue_share:g} of the SLO, at most the queue timeout), and one whose "
+            f"expected wait is longer is refused at once; --max-queue {max_queue} "
+            f"({origin[args.mesh_max_queue is None]}), --queue-timeout {timeout:g} s "
+            f"({origin[args.mesh_queue_timeout is None]}); workers' own capacity check at max_num_seqs")
+    if args.mesh_keepalive is not None:
+        text += (f"; frontend SSE keep-alive every {args.mesh_keepalive:g} s and first-event wait as long "
+                 "(INFERMESH_KEEPALIVE, INFERMESH_FIRST_EVENT_WAIT)")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         "sides": {"vllm": "vLLM's OpenAI server, `python -m vllm.entrypoints.openai.api_server --model DIR "
                           f"--served-model-name {name}` with its defaults and VLLM_CPU_KVCACHE_SPACE="
                           f"{args.kv_cache_gb}" + (" --enforce-eager" if args.enforce_eager else ""),
-                  "mesh": f"`infermesh up --ports-from BASE --model DIR {' '.join(mesh_extra)}` (1 worker, 1 "
-                          "frontend, vLLM engine), requests through Envoy"}}
+                  "mesh": f"`{' '.join(f'{k}={v}' for k, v in mesh_env(args).items())} infermesh up --ports-from "
+                          f"BASE --model DIR {' '.join(mesh_extra)}` (1 worker, 1 frontend, vLLM engine), requests "
+                          "through Envoy"}}
     print(f"logs and raw results: {work}", flush=True)
     owned: list[servers.Server] = []
     try:
