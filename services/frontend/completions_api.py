@@ -97,7 +97,7 @@ class CompletionsApi:
 
     async def _whole(self, request: Request, gen: Generation, fmt: ChatFormat | CompletionFormat) -> Response:
         logprobs: dict[int, list[common_pb2.TokenLogprob]] = {}
-        metrics.ACTIVE_STREAMS.labels(api="http").inc()
+        metrics.ACTIVE_HTTP.inc()
         # The body has been read: the next ASGI message is the client going away.
         gone = asyncio.get_running_loop().create_task(_disconnected(request))
         gone.add_done_callback(lambda _: gen.wake())
@@ -115,7 +115,7 @@ class CompletionsApi:
             body = fmt.response(gen, logprobs)
         finally:
             gone.cancel()
-            metrics.ACTIVE_STREAMS.labels(api="http").dec()
+            metrics.ACTIVE_HTTP.dec()
             await gen.close()
         return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
                         media_type="application/json")
@@ -123,7 +123,7 @@ class CompletionsApi:
     async def _sse(self, stream: EventStream, gen: Generation, fmt: ChatFormat | CompletionFormat,
                    include_usage: bool) -> AsyncIterator[bytes]:
         keepalive = self.options.keepalive
-        active = metrics.ACTIVE_STREAMS.labels(api="http")
+        active = metrics.ACTIVE_HTTP
         active.inc()
         try:
             yield fmt.start(len(gen.choices))

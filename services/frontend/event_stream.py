@@ -46,7 +46,8 @@ class EventStream:
             async for chunk in chunks:
                 if self.gone:
                     break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if chunk:  # an empty chunk would write nothing
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not self.gone:
                 await send(_END)
         finally:

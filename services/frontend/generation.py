@@ -102,6 +102,9 @@ class Generation:
         self._last_token_at = 0.0
         self._changed = asyncio.Event()
         self._woken_by: object = None  # what set _changed last: news, or only a waiting reader's timer
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # when the current wait gives up (loop time)
+        self._waiting = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._prefix = block_hashes(inp.prompt_ids)
 
@@ -122,17 +125,35 @@ class Generation:
         """Until there is something new to take (or `timeout` seconds, to send a keep-alive)."""
         if self._changed.is_set():
             return
-        handle = asyncio.get_running_loop().call_later(timeout, self._timer_fired) if timeout else None
+        if timeout:
+            # One timer serves many waits: it is only moved when a wait must end sooner.
+            loop = asyncio.get_running_loop()
+            self._deadline = deadline = loop.time() + timeout
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._timer_fired)
+        else:
+            self._deadline = None
+        self._waiting = True
         try:
             await self._changed.wait()
         finally:
-            if handle is not None:
-                handle.cancel()
+            self._waiting = False
         if self._woken_by is _TIMER:
             # Only the time passed: the next wait must wait again, not return at once.
             self._changed.clear()
 
     def _timer_fired(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if not self._waiting or deadline is None:
+            return  # the wait it was for has ended
+        loop = asyncio.get_running_loop()
+        if deadline - loop.time() > 0.001:  # a later wait moved the deadline on
+            self._timer = loop.call_at(deadline, self._timer_fired)
+            return
         self._woken_by = _TIMER
         self._changed.set()
 
@@ -160,6 +181,9 @@ class Generation:
 
     async def close(self) -> None:
         """Cancels whatever still runs (the client went away, or the request ended)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()

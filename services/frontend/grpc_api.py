@@ -69,7 +69,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             self.backends, self.options, request_id=request_id, model=request.model, sampling=request.sampling,
             tenant=tenant, priority=int(request.priority), messages=request.messages,
             prompt=request.prompt if has_prompt else None)
-        active = metrics.ACTIVE_STREAMS.labels(api="grpc")
+        active = metrics.ACTIVE_GRPC
         active.inc()
         code = "OK"
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from infermesh.common.errors import InfermeshError
@@ -37,11 +38,19 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 class RequestMetrics:
-    """Outermost middleware: counts responses by route and status code; marks responses while draining."""
+    """Outermost middleware: counts responses by route and status code; marks responses while draining.
 
-    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+    The generation routes (`fast`: path -> handler for POST) are called directly, without
+    Starlette's middleware stack and router, which every request and every SSE event would
+    otherwise pass through; their errors get the same responses as Starlette's handlers give.
+    """
+
+    def __init__(self, app: ASGIApp, drain: Drain,
+                 fast: dict[str, Callable[[Request], Awaitable[Any]]] | None = None) -> None:
         self.app = app
         self.drain = drain
+        self.fast = fast or {}
+        self._counters: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,10 +69,27 @@ class RequestMetrics:
                 if drain.draining:
                     message = {**message, "headers": [*message.get("headers", []), IMMEDIATE_FAIL_HEADER]}
             await send(message)
+        handler = self.fast.get(path) if scope.get("method") == "POST" else None
         try:
-            await self.app(scope, receive, counting_send)
+            if handler is None:
+                await self.app(scope, receive, counting_send)
+            else:
+                await _call(handler, scope, receive, counting_send)
         finally:
-            metrics.HTTP_REQUESTS.labels(route=route, code=str(status or 499)).inc()
+            key = (route, status)
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = metrics.HTTP_REQUESTS.labels(route=route, code=str(status or 499))
+            counter.inc()
+
+
+async def _call(handler: Callable[[Request], Awaitable[Any]], scope: Scope, receive: Receive, send: Send) -> None:
+    """One request to `handler`, its errors answered as the app's exception handlers answer them."""
+    try:
+        response = await handler(Request(scope, receive, send))
+    except Exception as exc:
+        response = error_response(exc)
+    await response(scope, receive, send)
 
 
 def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_body_bytes: int,
@@ -116,4 +142,4 @@ def create_app(backends: Backends, keys: ApiKeys, options: ServingOptions, max_b
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ], exception_handlers={InfermeshError: handled, Exception: handled, 404: not_found, 405: not_found})
-    return RequestMetrics(app, drain)
+    return RequestMetrics(app, drain, {"/v1/chat/completions": api.chat, "/v1/completions": api.completions})

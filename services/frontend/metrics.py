@@ -21,3 +21,6 @@ TOKENS_OUT = Counter("infermesh_generation_tokens_total", "Generated tokens stre
 ACTIVE_STREAMS = Gauge("infermesh_active_streams", "Requests generating right now.", ["api"])
 RETRIES = Counter("infermesh_frontend_worker_retries_total",
                   "Worker calls retried or migrated to another worker, by failure.", ["reason"])
+# The labelled children used on every request (a `labels()` lookup takes a lock and hashes the labels).
+ACTIVE_HTTP = ACTIVE_STREAMS.labels(api="http")
+ACTIVE_GRPC = ACTIVE_STREAMS.labels(api="grpc")
