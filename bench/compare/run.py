@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infermesh.common import cpus
+
 from bench.compare import overload, plots, report, results, servers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,7 +201,11 @@ def overload_scenario(args, model_dir: Path, name: str, urls: dict[str, str], wo
 
 def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, Any]:
     env, vllm_extra, mesh_extra = engine_args(args, args.prefix_kv_cache_gb)
-    vllms = [servers.vllm_server(model_dir, name, work, tag=f"vllm-{i}", env=env, extra=vllm_extra)
+    # `infermesh up --workers 2` gives each worker's model its own cores (infermesh.common.cpus.plan);
+    # vLLM's servers get the same cores, or both would bind their model to vLLM's default (core 0 here).
+    cores = cpus.plan(2, cpus.allowed()).workers
+    vllms = [servers.vllm_server(model_dir, name, work, tag=f"vllm-{i}",
+                                 env={**env, "VLLM_CPU_OMP_THREADS_BIND": cpus.to_text(cores[i])}, extra=vllm_extra)
              for i in range(2)]
     mesh = servers.mesh(model_dir, work, workers=2, env=mesh_env(args), extra=mesh_extra)
     proxy = None
@@ -237,8 +243,10 @@ def prefix_scenario(args, model_dir: Path, name: str, work: Path) -> dict[str, A
                        f"{args.suffix_len}, {args.prefix_output_len} out, {args.prefix_prompts} prompts",
             "concurrency": args.prefix_concurrency, "rounds": args.rounds, "point": point, "per_round": rounds,
             "vllm_side": "two vLLM servers behind a connection-level round-robin TCP proxy "
-                         "(bench/compare/servers.py)",
-            "mesh_side": "`infermesh up --workers 2` (prefix-affinity routing, the scheduler's default)",
+                         "(bench/compare/servers.py), their models on cores "
+                         + " and ".join(cpus.to_text(c) for c in cores) + " (VLLM_CPU_OMP_THREADS_BIND)",
+            "mesh_side": "`infermesh up --workers 2` (prefix-affinity routing, the scheduler's default; "
+                         "its CPU placement puts the workers' models on the same cores)",
             "engines": f"every engine: {' '.join(mesh_extra)} (VLLM_CPU_KVCACHE_SPACE={env['VLLM_CPU_KVCACHE_SPACE']})"}
 
 
