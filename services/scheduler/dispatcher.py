@@ -113,7 +113,7 @@ class Dispatcher:
             self.leases.mark_started(lease_id)
         for lease_id in ended:
             if self.leases.pop(lease_id) is not None:
-                metrics.LEASES_ENDED.labels("finished").inc()
+                metrics.child(metrics.LEASES_ENDED, "finished").inc()
         if w.model:
             self._model(w.model)
         if w.state is not before:
@@ -132,7 +132,7 @@ class Dispatcher:
         ids = w.lose()
         for lease_id in ids:
             if self.leases.pop(lease_id) is not None:
-                metrics.LEASES_ENDED.labels("worker_lost").inc()
+                metrics.child(metrics.LEASES_ENDED, "worker_lost").inc()
         self.policy.forget(address)
         self._reindex()
         metrics.observe_worker(w)
@@ -188,12 +188,12 @@ class Dispatcher:
         if not fitting:
             return None
         worker, outcome = self.policy.choose(fitting, ticket.prefix_hashes)
-        metrics.ROUTING.labels(self.policy.name, outcome).inc()
+        metrics.child(metrics.ROUTING, self.policy.name, outcome).inc()
         self.policy.routed(worker, ticket.prefix_hashes)
         lease = self.leases.grant(worker.address, worker.worker_id, ticket.tokens, self.clock(),
                                   self.limits.lease_ttl)
         worker.reserve(lease.lease_id, ticket.tokens, ticket.seqs)
-        metrics.ADMITTED.labels(ticket.model).inc()
+        metrics.child(metrics.ADMITTED, ticket.model).inc()
         return lease
 
     async def admit(self, ticket: Ticket, timeout: float | None = None) -> Grant:
@@ -202,13 +202,13 @@ class Dispatcher:
             self._check(ticket)
         except (InvalidRequest, NotFound, Unavailable) as exc:
             reason = {InvalidRequest: "invalid", NotFound: "unknown_model"}.get(type(exc), "no_worker")
-            metrics.REJECTED.labels(reason).inc()
+            metrics.child(metrics.REJECTED, reason).inc()
             raise
         budget = self.limits.budget()
         limit = self.limits.queue_timeout if budget is None else budget
         wait = limit if timeout is None else min(timeout, limit)
         if wait <= 0:
-            metrics.REJECTED.labels("deadline").inc()
+            metrics.child(metrics.REJECTED, "deadline").inc()
             raise DeadlineExceeded("the request's deadline passed before it was admitted")
         model = self.models[ticket.model]
         now = self.clock()
@@ -216,10 +216,10 @@ class Dispatcher:
         if not len(model.queue):
             lease = self.place(ticket)
             if lease is not None:
-                metrics.QUEUE_TIME.labels(ticket.model).observe(0.0)
+                metrics.child(metrics.QUEUE_TIME, ticket.model).observe(0.0)
                 return Grant(lease, 0.0)
         if len(model.queue) >= self.limits.max_queue:
-            metrics.REJECTED.labels("queue_full").inc()
+            metrics.child(metrics.REJECTED, "queue_full").inc()
             raise Overloaded(f"the admission queue of {ticket.model!r} is full ({len(model.queue)} waiting)",
                              retry_after=model.drain.retry_after(len(model.queue), now,
                                                                  ceiling=self.limits.queue_timeout))
@@ -265,7 +265,7 @@ class Dispatcher:
         expected = (model.queue.ahead(ticket.tenant, ticket.priority) + 1) / rate
         if expected <= budget:
             return
-        metrics.REJECTED.labels("slo_forecast").inc()
+        metrics.child(metrics.REJECTED, "slo_forecast").inc()
         raise Overloaded(f"the admission queue of {ticket.model!r} moves at {rate:.3g} requests/s: the expected "
                          f"wait of {expected:.3g}s exceeds {budget:.3g}s, the queue's share of the "
                          f"{self.limits.ttft_slo:g}s TTFT SLO",
@@ -277,7 +277,7 @@ class Dispatcher:
         if not len(m.queue):
             m.service.busy(self.clock(), False)
         self._observe_depth(ticket.model, ticket.priority)
-        metrics.REJECTED.labels(reason).inc()
+        metrics.child(metrics.REJECTED, reason).inc()
 
     def dispatch(self, model_name: str) -> None:
         """Grants leases to waiting tickets, in queue order, while the head fits somewhere."""
@@ -296,7 +296,7 @@ class Dispatcher:
             m.drain.record(now)
             m.service.record(now)
             waited = now - ticket.enqueued_at
-            metrics.QUEUE_TIME.labels(model_name).observe(waited)
+            metrics.child(metrics.QUEUE_TIME, model_name).observe(waited)
             assert ticket.future is not None
             ticket.future.set_result(Grant(lease, waited))
         if served:
@@ -306,7 +306,7 @@ class Dispatcher:
 
     def _settle(self, ticket: Ticket, exc: Exception, reason: str) -> None:
         if ticket.future is not None and not ticket.future.done():
-            metrics.REJECTED.labels(reason).inc()
+            metrics.child(metrics.REJECTED, reason).inc()
             ticket.future.set_exception(exc)
 
     def _observe_depth(self, model_name: str, priority: int | None = None) -> None:
@@ -315,7 +315,7 @@ class Dispatcher:
             return
         levels = [priority_level(priority)] if priority is not None else list(PRIORITY_NAMES)
         for level in levels:
-            metrics.QUEUE_DEPTH.labels(model_name, PRIORITY_NAMES[level]).set(m.queue.depth(level))
+            metrics.child(metrics.QUEUE_DEPTH, model_name, PRIORITY_NAMES[level]).set(m.queue.depth(level))
 
     # ---- leases ----
 
@@ -328,7 +328,7 @@ class Dispatcher:
             if how == "worker_failed":
                 w.refused = True  # refused before it started: wait for the worker's next report
             self.dispatch(w.model)
-        metrics.LEASES_ENDED.labels(how).inc()
+        metrics.child(metrics.LEASES_ENDED, how).inc()
         return True
 
     def expire(self) -> int:
@@ -339,7 +339,7 @@ class Dispatcher:
             w = self.workers.get(lease.address)
             if w is not None and w.unreserve(lease.lease_id):
                 models.add(w.model)
-            metrics.LEASES_ENDED.labels("expired").inc()
+            metrics.child(metrics.LEASES_ENDED, "expired").inc()
         for model in models:
             self.dispatch(model)
         if expired:

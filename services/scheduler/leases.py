@@ -58,6 +58,16 @@ class LeaseTable:
     def pop(self, lease_id: str) -> Lease | None:
         return self._leases.pop(lease_id, None)
 
+    def next_expiry(self) -> float | None:
+        """When the earliest lease that can still expire (granted, not started) is due; None: none."""
+        expiry = self._expiry
+        while expiry:
+            lease = self._leases.get(expiry[0][1])
+            if lease is not None and not lease.started:
+                return expiry[0][0]
+            heapq.heappop(expiry)  # started or gone: it never expires
+        return None
+
     def pop_expired(self, now: float) -> list[Lease]:
         """Removes and returns the pending leases whose time is up (started ones never expire)."""
         out = []

@@ -44,15 +44,37 @@ WORKER_HIT_RATE = Gauge("infermesh_scheduler_worker_prefix_cache_hit_rate",
                         "Prefix-cache hit rate (worker report).", _WORKER_LABELS)
 
 
+_WORKER_GAUGES = (WORKER_STATE, WORKER_RUNNING, WORKER_WAITING, WORKER_COMMITTED, WORKER_FREE_SEQS,
+                  WORKER_FREE_TOKENS, WORKER_PENDING, WORKER_KV_USAGE, WORKER_HIT_RATE)
+_worker_children: dict[tuple[str, str], tuple] = {}
+
+
 def observe_worker(worker: WorkerCapacity) -> None:
+    """Sets the worker's gauges (on every load report: the labelled children are looked up once)."""
     labels = (worker.address, worker.model or "-")
-    WORKER_STATE.labels(*labels).set(int(worker.state))
-    WORKER_RUNNING.labels(*labels).set(worker.running)
-    WORKER_WAITING.labels(*labels).set(worker.waiting)
-    WORKER_COMMITTED.labels(*labels).set(worker.committed_tokens)
-    WORKER_FREE_SEQS.labels(*labels).set(max(0, worker.free_seqs()))
-    WORKER_FREE_TOKENS.labels(*labels).set(max(0, worker.free_tokens()))
-    WORKER_PENDING.labels(*labels).set(len(worker.pending))
+    children = _worker_children.get(labels)
+    if children is None:
+        children = _worker_children[labels] = tuple(g.labels(*labels) for g in _WORKER_GAUGES)
+    state, running, waiting, committed, free_seqs, free_tokens, pending, kv_usage, hit_rate = children
+    state.set(int(worker.state))
+    running.set(worker.running)
+    waiting.set(worker.waiting)
+    committed.set(worker.committed_tokens)
+    free_seqs.set(max(0, worker.free_seqs()))
+    free_tokens.set(max(0, worker.free_tokens()))
+    pending.set(len(worker.pending))
     if worker.report is not None:
-        WORKER_KV_USAGE.labels(*labels).set(worker.report.kv_cache_usage)
-        WORKER_HIT_RATE.labels(*labels).set(worker.report.prefix_cache_hit_rate)
+        kv_usage.set(worker.report.kv_cache_usage)
+        hit_rate.set(worker.report.prefix_cache_hit_rate)
+
+
+def child(metric, *labels: str):
+    """`metric.labels(*labels)`, looked up once per label set (the hot paths call it per request)."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
+_children: dict[tuple[int, tuple[str, ...]], object] = {}

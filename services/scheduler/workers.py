@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from infermesh.common.channels import channel
+from infermesh.common.channels import raw_channel
 from infermesh.scheduler.dispatcher import Dispatcher
 from infermesh.v1 import worker_pb2, worker_pb2_grpc
 
@@ -86,21 +86,27 @@ class WorkerWatch:
             await asyncio.sleep(delay)
 
     async def _watch_once(self) -> None:
-        async with channel(self.address) as ch:
+        # No request-id interceptor: this control stream belongs to no request, and an intercepted
+        # stream pays for a task and a queue hop on every report read.
+        async with raw_channel(self.address) as ch:
             stub = worker_pb2_grpc.WorkerStub(ch)
             info = await stub.Info(worker_pb2.InfoRequest(), timeout=max(1.0, self.stale_after))
             self.dispatcher.on_info(self.address, info)
             call = self._call = stub.WatchLoad(
                 worker_pb2.WatchLoadRequest(watcher=self.watcher, interval_ms=self.interval_ms))
+            loop = asyncio.get_running_loop()
             try:
-                while True:
-                    report = await asyncio.wait_for(call.read(), self.stale_after)
-                    if report is grpc.aio.EOF:
-                        return
-                    self.dispatcher.on_report(self.address, report)
-                    if not self._reported:
-                        self._reported = True
-                        self.attempted.set()
+                # One deadline moved on by each report (not a wait_for, which wraps every read in a task).
+                async with asyncio.timeout(self.stale_after) as silence:
+                    while True:
+                        report = await call.read()
+                        if report is grpc.aio.EOF:
+                            return
+                        silence.reschedule(loop.time() + self.stale_after)
+                        self.dispatcher.on_report(self.address, report)
+                        if not self._reported:
+                            self._reported = True
+                            self.attempted.set()
             finally:
                 call.cancel()
 
@@ -182,9 +188,14 @@ class WorkerPool:
                 logger.exception("refreshing the worker set failed")
 
     async def _expire_loop(self) -> None:
+        # Wakes when the earliest unclaimed lease is due (at most the lease TTL, and 1 s, later, to
+        # see leases granted meanwhile), not on a fixed short tick that would mostly find nothing.
+        d = self.dispatcher
         while True:
-            await asyncio.sleep(0.1)
-            self.dispatcher.expire()
+            due = d.leases.next_expiry()
+            cap = min(1.0, d.limits.lease_ttl)
+            await asyncio.sleep(cap if due is None else min(cap, max(0.0, due - d.clock())))
+            d.expire()
 
     async def stop(self) -> None:
         for task in self._tasks:
