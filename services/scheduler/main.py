@@ -39,7 +39,8 @@ class SchedulerConfig(ServiceConfig):
     prefix_index_blocks: int = option(0, "prefix_affinity: blocks remembered per worker "
                                       "(0: the worker's KV capacity in blocks).")
     tenant_weights: list[str] = option(factory=list, help="Fair-queuing weights TENANT=N (default 1 each).")
-    report_interval_ms: int = option(200, "Load-report period asked of the workers.")
+    report_interval_ms: int = option(1000, "Load-report period asked of the workers (they also report at once on "
+                                     "every lease started or finished and on draining).")
     stale_after: float = option(3.0, "Seconds without a load report before a worker counts as unreachable.")
 
     def __post_init__(self) -> None:
