@@ -8,7 +8,7 @@ rounds alternate between them, so other load on the machine hits both alike.
 Reports output tokens/s and median time to first token, and writes
 docs/benchmarks/worker.md.
 
-    .venv/bin/python -m bench.worker_bench [--compiled] [--rounds 3] [--requests-c1 4] [--requests-c16 48]
+    .venv/bin/python -m bench.worker_bench [--compiled] [--rounds 3] [--requests-c1 8] [--requests-c16 48]
 """
 
 from __future__ import annotations
@@ -117,12 +117,19 @@ def start_worker(model_dir: Path, compiled: bool) -> ServiceProcess:
     return ServiceProcess("worker", args, port=port).start()
 
 
+def placement(log: str) -> str:
+    """The worker's CPU placement, from its log."""
+    lines = [line.split("CPU placement: ", 1)[1] for line in log.splitlines() if "CPU placement: " in line]
+    return lines[-1] if lines else "none logged"
+
+
 async def compare(model_dir: Path, engine: VllmEngine, compiled: bool, rounds: int,
-                  requests: dict[int, int]) -> dict[str, dict[int, list[dict[str, float]]]]:
+                  requests: dict[int, int]) -> tuple[dict[str, dict[int, list[dict[str, float]]]], str]:
     """Both sides up at once; rounds alternate direct, worker, direct, worker (fresh prompts each)."""
     proc = start_worker(model_dir, compiled)
     try:
         await asyncio.to_thread(proc.wait_healthy, 600)
+        placed = placement(proc.log())
         direct, worker = Direct(engine), OverGrpc(proc.address)
         sides = {"direct": direct, "worker": worker}
         results: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in requests} for k in sides}
@@ -136,12 +143,15 @@ async def compare(model_dir: Path, engine: VllmEngine, compiled: bool, rounds: i
                     results[name][c].append(await drive(side.one, make_prompts(model_dir, count, seed), c))
         direct.llm.shutdown()
         await worker.channel.close()
-        return results
+        return results, placed
     finally:
         proc.stop(timeout=60)
 
 
-def write_report(path: Path, command: str, results, compiled: bool, rounds: int) -> str:
+NOTES_MARK = "<!-- notes: text below this line is kept when the benchmark rewrites this file -->"
+
+
+def write_report(path: Path, command: str, results, compiled: bool, rounds: int, placed: str) -> str:
     lines = ["# Worker benchmark: gRPC stream vs AsyncLLM in-process", "",
              f"Command: `{command}`", "",
              f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, no GPU, Python {platform.python_version()}, "
@@ -152,6 +162,10 @@ def write_report(path: Path, command: str, results, compiled: bool, rounds: int)
              f"hits), {OUTPUT_TOKENS} output tokens each (EOS ignored), greedy. Both engines are up at once: "
              "AsyncLLM in the benchmark process, and a worker process driven over loopback gRPC; rounds "
              f"alternate direct, worker, direct, worker ({rounds} rounds each). Medians over rounds.", "",
+             f"CPU placement: vLLM binds each engine's model process to its own choice of cores (the same for "
+             f"both engines); the worker, with its default `--cpus auto`, logged: {placed}. The benchmark "
+             "process (the direct AsyncLLM and the gRPC client) and the direct engine's other processes are not "
+             "pinned, as in a plain AsyncLLM deployment.", "",
              "| concurrency | requests/round | direct tok/s | worker tok/s | ratio | direct TTFT p50 ms | "
              "worker TTFT p50 ms | TTFT delta ms |",
              "|---|---|---|---|---|---|---|---|"]
@@ -165,8 +179,11 @@ def write_report(path: Path, command: str, results, compiled: bool, rounds: int)
         f"c{c}: " + ", ".join(f"{a['tok_s']:.0f}/{b['tok_s']:.0f}"
                               for a, b in zip(results["direct"][c], results["worker"][c], strict=True))
         for c in results["direct"]), "",
-        "Targets: worker throughput >= 0.97x direct; median TTFT at most +5 ms.", ""]
-    text = "\n".join(lines)
+        "Targets: worker throughput >= 0.97x direct; median TTFT at most +5 ms.", "", NOTES_MARK]
+    old = path.read_text() if path.exists() else ""
+    if NOTES_MARK in old:
+        lines.append(old.split(NOTES_MARK, 1)[1].strip("\n"))
+    text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
 
@@ -174,7 +191,7 @@ def write_report(path: Path, command: str, results, compiled: bool, rounds: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compiled", action="store_true", help="Do not enforce eager mode (slow start).")
-    parser.add_argument("--requests-c1", type=int, default=4)
+    parser.add_argument("--requests-c1", type=int, default=8)
     parser.add_argument("--requests-c16", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="docs/benchmarks/worker.md")
@@ -182,10 +199,10 @@ def main() -> None:
     model_dir = default_model_dir()
     engine = VllmEngine(model_dir.name, model_dir, VllmOptions(max_num_seqs=MAX_NUM_SEQS, kv_cache_gb=KV_GB,
                                                                enforce_eager=not args.compiled))
-    results = asyncio.run(compare(model_dir, engine, args.compiled, args.rounds,
+    results, placed = asyncio.run(compare(model_dir, engine, args.compiled, args.rounds,
                                   {1: args.requests_c1, 16: args.requests_c16}))
     command = " ".join([".venv/bin/python -m bench.worker_bench", *sys.argv[1:]])
-    print(write_report(Path(args.out), command, results, args.compiled, args.rounds))
+    print(write_report(Path(args.out), command, results, args.compiled, args.rounds, placed))
 
 
 if __name__ == "__main__":
