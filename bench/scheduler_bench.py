@@ -30,9 +30,9 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-
 from infermesh.common.prefix import block_hashes
 from infermesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+
 from tests.fixtures.scheduler import list_workers, start_scheduler
 from tests.fixtures.worker import start_sim_worker
 

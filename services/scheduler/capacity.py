@@ -11,10 +11,9 @@ have not told everyone yet, and the worker refuses what it cannot hold.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
-
 
 REPLICA_MEMORY = 2.0
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from infermesh.common.metrics import LATENCY_BUCKETS
 from infermesh.scheduler.capacity import WorkerCapacity
+from prometheus_client import Counter, Gauge, Histogram
 
 QUEUE_DEPTH = Gauge("infermesh_scheduler_queue_depth", "Requests waiting for a lease.",
                     ["model", "priority"])

@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from infermesh.common.errors import InvalidRequest
 from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.capacity import State

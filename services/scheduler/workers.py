@@ -17,7 +17,6 @@ import socket
 from collections.abc import Sequence
 
 import grpc
-
 from infermesh.common.channels import raw_channel
 from infermesh.scheduler.dispatcher import Dispatcher
 from infermesh.v1 import worker_pb2, worker_pb2_grpc

@@ -205,9 +205,9 @@ async def test_a_slow_first_token_gets_no_early_keepalive(sim_mesh_factory) -> N
     mesh = sim_mesh_factory(workers=1, sim_ttft_ms=600, sim_itl_ms=5,
                             frontend={"keepalive": 3.0, "first_event_wait": 0.2})
     body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 4}
-    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
-        async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
-            raw = b"".join([chunk async for chunk in reply.aiter_raw()]).decode()
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client, \
+            client.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
+        raw = b"".join([chunk async for chunk in reply.aiter_raw()]).decode()
     assert reply.status_code == 200
     assert raw.startswith("data: ") and ": keep-alive" not in raw
     assert raw.rstrip().endswith("data: [DONE]")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from infermesh.scheduler.admission import DrainRate, FairQueue, Ticket, priority_level
 from infermesh.v1 import common_pb2
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.capacity import State, WorkerCapacity
+
 from tests.scheduler.fakes import Clock, FakeWorker, dispatcher
 
 

@@ -6,10 +6,10 @@ import asyncio
 import time
 
 import pytest
-
 from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, Unavailable
 from infermesh.scheduler.admission import Ticket
 from infermesh.v1 import common_pb2
+
 from tests.scheduler.fakes import Clock, FakeWorker, dispatcher
 
 

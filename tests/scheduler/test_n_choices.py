@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from infermesh.common.errors import InvalidRequest
 from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.service import ticket_from
 from infermesh.v1 import scheduler_pb2
+
 from tests.scheduler.fakes import FakeWorker, dispatcher
 
 

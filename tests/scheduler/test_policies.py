@@ -8,6 +8,7 @@ from infermesh.common.prefix import block_hashes
 from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.capacity import State, WorkerCapacity
 from infermesh.scheduler.policies import LeastLoad, PrefixAffinity, PrefixIndex, RoundRobin
+
 from tests.scheduler.fakes import FakeWorker, dispatcher
 
 

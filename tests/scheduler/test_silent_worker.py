@@ -8,6 +8,7 @@ import signal
 import time
 
 from infermesh.v1 import scheduler_pb2
+
 from tests.fixtures.scheduler import list_workers, wait_workers
 
 

@@ -7,13 +7,13 @@ import math
 import time
 
 import pytest
-
 from infermesh.common.errors import DeadlineExceeded, Overloaded
 from infermesh.scheduler import metrics
 from infermesh.scheduler.admission import FairQueue, ServiceRate, Ticket
 from infermesh.scheduler.dispatcher import Limits
 from infermesh.scheduler.main import SchedulerConfig
 from infermesh.v1 import common_pb2
+
 from tests.scheduler.fakes import Clock, FakeWorker, dispatcher
 
 

@@ -15,7 +15,6 @@ import time
 import urllib.request
 
 import grpc
-
 from infermesh.common.errors import RETRY_AFTER_KEY
 from infermesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 

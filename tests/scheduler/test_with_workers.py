@@ -16,9 +16,9 @@ import urllib.request
 
 import grpc
 import pytest
-
 from infermesh.common.errors import RETRY_AFTER_KEY
 from infermesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+
 from tests.fixtures.scheduler import list_workers, wait_workers
 from tests.harness import ServiceProcess
 

@@ -6,9 +6,9 @@ import asyncio
 import time
 
 import pytest
-
 from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.workers import WorkerPool, split_host_port
+
 from tests.scheduler.fakes import FakeWorker, dispatcher
 
 
