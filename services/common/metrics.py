@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from infermesh.common.errors import InfermeshError
 from prometheus_client import Counter, Histogram
@@ -12,6 +14,12 @@ from prometheus_client import Counter, Histogram
 # Latency buckets from 1 ms to 60 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _child(metric: Any, method: str, code: str | None = None) -> Any:
+    """A labelled series, looked up once per (metric, method, code) rather than per call."""
+    return metric.labels(method=method) if code is None else metric.labels(method=method, code=code)
 
 
 @contextmanager
@@ -28,5 +36,5 @@ def observe_call(requests: Counter, seconds: Histogram, method: str) -> Iterator
         code = "INTERNAL"
         raise
     finally:
-        requests.labels(method=method, code=code).inc()
-        seconds.labels(method=method).observe(time.perf_counter() - started)
+        _child(requests, method, code).inc()
+        _child(seconds, method).observe(time.perf_counter() - started)

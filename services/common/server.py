@@ -94,23 +94,33 @@ def _request_id(context: grpc.aio.ServicerContext) -> str | None:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Binds the request id and maps the project's errors to gRPC statuses."""
 
+    def __init__(self) -> None:
+        # The wrapped handler of each method, built on its first call (not on every call).
+        self._handlers: dict[str, Any] = {}
+
     async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(_PASSTHROUGH):
             return handler
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
+            wrapped = grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
+        elif handler.unary_stream:
+            wrapped = grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
-        return handler
+        else:
+            return handler
+        self._handlers[method] = wrapped
+        return wrapped
 
 
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:

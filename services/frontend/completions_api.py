@@ -31,6 +31,20 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def _until_admitted(request: Request, gen: Generation) -> None:
+    """Waits for the admission decision; a client that goes away meanwhile cancels the request."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    decided = asyncio.ensure_future(gen.decided.wait())
+    try:
+        await asyncio.wait((gone, decided), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (gone, decided):
+            task.cancel()
+    if not gen.decided.is_set():
+        logger.info("client went away while queued for admission; cancelling the generation")
+        raise Cancelled("the client disconnected")
+
+
 class CompletionsApi:
     def __init__(self, backends: Backends, keys: ApiKeys, options: ServingOptions, max_body_bytes: int) -> None:
         self.backends = backends
@@ -84,9 +98,12 @@ class CompletionsApi:
         if not req.stream:
             return await self._whole(request, gen, fmt)
         try:
-            # A quick failure (queue full, no worker) still gets its HTTP status; a request that
-            # waits longer commits to 200 and hears keep-alives until its first token.
+            # A quick failure (no worker, a worker's refusal) still gets its HTTP status, and so does
+            # the admission queue's answer however long it takes (a 429 when it runs out); an admitted
+            # request that waits longer commits to 200 and hears keep-alives until its first token.
             await gen.wait(self.options.first_event_wait)
+            if gen.error is None and not gen.decided.is_set():
+                await _until_admitted(request, gen)
             if gen.error is not None:
                 raise gen.error
         except BaseException:

@@ -107,6 +107,8 @@ class Generation:
         self._waiting = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._prefix = block_hashes(inp.prompt_ids)
+        # Set once admission is decided: the first lease granted, or the generation failed.
+        self.decided = asyncio.Event()
 
     # -- the reader's side -------------------------------------------------
     def start(self) -> Generation:
@@ -202,6 +204,7 @@ class Generation:
     def _fail(self, exc: InfermeshError) -> None:
         if self.error is None:
             self.error = exc
+        self.decided.set()
         self._notify()
 
     async def _call(self, indices: list[int], generated: list[int]) -> None:
@@ -237,6 +240,7 @@ class Generation:
             lease = await self.backends.admit(
                 self._admit_request(exclude, len(inp.prompt_ids) + already, remaining, len(indices)),
                 inp.admit_timeout)
+            self.decided.set()
             try:
                 await self._stream(lease, indices, generated, sampling)
                 return

@@ -1,4 +1,4 @@
-"""Failures in a simulated mesh: migration off a killed worker, 429, keep-alives while queued, disconnects."""
+"""Failures in a simulated mesh: migration off a killed worker, 429, keep-alives, disconnects."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ async def test_kill_9_of_a_worker_under_50_streams_loses_no_stream(sim_mesh_fact
     assert metric_value(frontend_metrics, "infermesh_frontend_worker_retries_total") >= 10
 
 
-async def test_queue_full_is_429_with_retry_after_and_waiting_streams_get_keepalives(sim_mesh_factory) -> None:
+async def test_queue_full_is_429_with_retry_after_and_a_queued_stream_waits_for_admission(sim_mesh_factory) -> None:
     mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20, max_num_seqs=1,
                             scheduler={"max_queue": 1}, frontend={"keepalive": 0.2, "first_event_wait": 0.1})
     body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 60}
@@ -65,8 +65,9 @@ async def test_queue_full_is_429_with_retry_after_and_waiting_streams_get_keepal
             assert int(reply.headers["retry-after"]) >= 1
             assert reply.json()["error"]["type"] == "rate_limit_error"
     assert done_first.finish() == done_queued.finish() == "length"
-    # The queued stream waited ~1.2 s behind the first: it heard keep-alive comments meanwhile.
-    assert done_queued.comments >= 2
+    # The queued stream waited ~1.2 s behind the first with its status pending (admission decides
+    # it: 200 once admitted, 429 had the queue refused it), then streamed tokens without gaps.
+    assert done_queued.status == 200 and done_queued.comments == 0
     assert after.status_code == 200
 
 
@@ -227,3 +228,46 @@ async def test_a_request_that_waits_past_the_queue_timeout_gets_429(sim_mesh_fac
     assert late.status_code == 429, late.text
     assert late.json()["error"]["type"] == "rate_limit_error"
     assert int(late.headers["retry-after"]) >= 1
+
+
+async def test_a_stream_queued_past_the_first_event_wait_still_gets_429(sim_mesh_factory) -> None:
+    # The status of a stream follows admission, not the clock: queued longer than the first-event
+    # wait and then refused is an HTTP 429, not a 200 whose stream carries an error event.
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20, max_num_seqs=1,
+                            scheduler={"queue_timeout": 1.0}, frontend={"first_event_wait": 0.2})
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 80}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
+        worker_port = mesh.workers[0].metrics_port
+        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
+                                >= 1, 10)
+        started = asyncio.get_running_loop().time()
+        late = await client.post("/v1/completions", json={**body, "max_tokens": 2, "stream": True})
+        waited = asyncio.get_running_loop().time() - started
+        assert (await first).finish() == "length"
+    assert late.status_code == 429, late.text
+    assert late.json()["error"]["type"] == "rate_limit_error"
+    assert waited >= 0.9, f"answered after {waited:.2f} s, before the queue timeout"
+
+
+async def test_a_stream_admitted_after_the_first_event_wait_streams_normally(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20, max_num_seqs=1,
+                            scheduler={"queue_timeout": 10.0}, frontend={"first_event_wait": 0.2})
+    body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 30}
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
+        worker_port = mesh.workers[0].metrics_port
+        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
+                                >= 1, 10)
+        second = await stream_sse(client, "/v1/completions", {**body, "max_tokens": 3})
+        assert (await first).finish() == "length"
+    assert second.status == 200 and second.finish() == "length"
+
+
+async def test_an_admitted_stream_hears_keepalives_until_a_slow_first_token(sim_mesh_factory) -> None:
+    mesh = sim_mesh_factory(workers=1, sim_ttft_ms=1500, sim_itl_ms=5,
+                            frontend={"keepalive": 0.3, "first_event_wait": 0.2})
+    async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
+        reply = await stream_sse(client, "/v1/completions", {"model": mesh.model, "prompt": PROMPT, "max_tokens": 3})
+    assert reply.status == 200 and reply.finish() == "length"
+    assert reply.comments >= 2
