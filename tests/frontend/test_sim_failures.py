@@ -214,15 +214,21 @@ async def test_a_slow_first_token_gets_no_early_keepalive(sim_mesh_factory) -> N
     assert raw.rstrip().endswith("data: [DONE]")
 
 
+async def occupy_the_only_slot(client: httpx.AsyncClient, mesh, body: dict) -> asyncio.Task:
+    """Starts a stream and returns once the (single-slot) worker runs it."""
+    first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
+    worker_port = mesh.workers[0].metrics_port
+    await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
+                            >= 1, 10)
+    return first
+
+
 async def test_a_request_that_waits_past_the_queue_timeout_gets_429(sim_mesh_factory) -> None:
     mesh = sim_mesh_factory(workers=1, sim_ttft_ms=5, sim_itl_ms=20, max_num_seqs=1,
                             scheduler={"queue_timeout": 0.3})
     body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 60}
     async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
-        first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
-        worker_port = mesh.workers[0].metrics_port
-        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
-                                >= 1, 10)
+        first = await occupy_the_only_slot(client, mesh, body)
         late = await client.post("/v1/completions", json={**body, "max_tokens": 2})
         assert (await first).finish() == "length"
     assert late.status_code == 429, late.text
@@ -237,10 +243,7 @@ async def test_a_stream_queued_past_the_first_event_wait_still_gets_429(sim_mesh
                             scheduler={"queue_timeout": 1.0}, frontend={"first_event_wait": 0.2})
     body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 80}
     async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
-        first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
-        worker_port = mesh.workers[0].metrics_port
-        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
-                                >= 1, 10)
+        first = await occupy_the_only_slot(client, mesh, body)
         started = asyncio.get_running_loop().time()
         late = await client.post("/v1/completions", json={**body, "max_tokens": 2, "stream": True})
         waited = asyncio.get_running_loop().time() - started
@@ -255,10 +258,7 @@ async def test_a_stream_admitted_after_the_first_event_wait_streams_normally(sim
                             scheduler={"queue_timeout": 10.0}, frontend={"first_event_wait": 0.2})
     body = {"model": mesh.model, "prompt": PROMPT, "max_tokens": 30}
     async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
-        first = asyncio.create_task(stream_sse(client, "/v1/completions", body))
-        worker_port = mesh.workers[0].metrics_port
-        await asyncio.to_thread(wait_for, lambda: metric_value(scrape(worker_port), "vllm:num_requests_running")
-                                >= 1, 10)
+        first = await occupy_the_only_slot(client, mesh, body)
         second = await stream_sse(client, "/v1/completions", {**body, "max_tokens": 3})
         assert (await first).finish() == "length"
     assert second.status == 200 and second.finish() == "length"
