@@ -27,10 +27,11 @@ import statistics
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
-from infermesh.common.prefix import block_hashes
+from infermesh.common.prefix import DEFAULT_BLOCK_SIZE, block_hashes, cache_salt
 from infermesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from tests.fixtures.scheduler import list_workers, start_scheduler
@@ -53,11 +54,18 @@ def workload(requests: int, seed: int = 7) -> list[list[int]]:
             for _ in range(requests)]
 
 
-async def one_request(sched, channels, model: str, prompt: list[int], max_tokens: int, out: dict) -> None:
+async def prefix_of(sched, model: str) -> Callable[[Sequence[int]], list[int]]:
+    """How the frontend hashes prompts of `model`: over its workers' block size, salted with the model."""
+    cards = (await sched.ListModels(common_pb2.ListModelsRequest(), timeout=10)).models
+    block_size = next((c.block_size for c in cards if c.id == model), 0) or DEFAULT_BLOCK_SIZE
+    return lambda ids: block_hashes(ids, block_size, cache_salt(model))
+
+
+async def one_request(sched, channels, model: str, prompt: list[int], max_tokens: int, out: dict,
+                      hashes: list[int]) -> None:
     started = time.perf_counter()
     lease = await sched.Admit(scheduler_pb2.AdmitRequest(
-        model=model, prompt_tokens=len(prompt), max_tokens=max_tokens, prefix_hashes=block_hashes(prompt)),
-        timeout=60)
+        model=model, prompt_tokens=len(prompt), max_tokens=max_tokens, prefix_hashes=hashes), timeout=60)
     if lease.worker_address not in channels:
         channels[lease.worker_address] = grpc.aio.insecure_channel(lease.worker_address)
     stub = worker_pb2_grpc.WorkerStub(channels[lease.worker_address])
@@ -83,10 +91,12 @@ async def drive(address: str, model: str, prompts: list[list[int]], concurrency:
     async with grpc.aio.insecure_channel(address) as ch:
         sched = scheduler_pb2_grpc.SchedulerStub(ch)
         todo = list(reversed(prompts))
+        prefix = await prefix_of(sched, model)
 
         async def client() -> None:
             while todo:
-                await one_request(sched, channels, model, todo.pop(), max_tokens, out)
+                prompt = todo.pop()
+                await one_request(sched, channels, model, prompt, max_tokens, out, prefix(prompt))
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -136,8 +146,9 @@ async def admit_loop(address: str, model: str, total: int, concurrency: int, rel
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(address) as ch:
         sched = scheduler_pb2_grpc.SchedulerStub(ch)
+        prefix = await prefix_of(sched, model)
         request = scheduler_pb2.AdmitRequest(model=model, prompt_tokens=100, max_tokens=16,
-                                             prefix_hashes=block_hashes(list(range(100))))
+                                             prefix_hashes=prefix(list(range(100))))
         await sched.Admit(request)  # connect
         left = [total]
 

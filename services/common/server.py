@@ -45,10 +45,12 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS + (
 _PASSTHROUGH = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    code, details, trailers = to_status(exc)
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str, public: bool) -> None:
+    code, details, trailers = to_status(exc, public=public)
     if not isinstance(exc, InfermeshError):
         logger.exception("unhandled error in %s", method, exc_info=exc)
+    elif exc.http_status >= 500 and public:
+        logger.warning("%s -> %s: %s", method, code.name, exc.message)  # the caller sees the public message only
     elif code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         logger.error("%s failed: %s", method, details)
     else:
@@ -92,9 +94,11 @@ def _request_id(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Binds the request id and maps the project's errors to gRPC statuses."""
+    """Binds the request id and maps the project's errors to gRPC statuses (`public`: for callers outside the
+    mesh, whose server-side failures carry only their public message)."""
 
-    def __init__(self) -> None:
+    def __init__(self, public: bool = False) -> None:
+        self.public = public
         # The wrapped handler of each method, built on its first call (not on every call).
         self._handlers: dict[str, Any] = {}
 
@@ -109,12 +113,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                _wrap_unary(handler.unary_unary, method, self.public),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         elif handler.unary_stream:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                _wrap_stream(handler.unary_stream, method, self.public),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         else:
@@ -123,7 +127,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_unary(behavior: Callable[..., Any], method: str, public: bool) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         set_request_id(_request_id(context))
         await _reject_malformed(request, context)
@@ -132,11 +136,11 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            await _abort(context, exc, method)
+            await _abort(context, exc, method, public)
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_stream(behavior: Callable[..., Any], method: str, public: bool) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
         async def gen_wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             set_request_id(_request_id(context))
@@ -147,9 +151,9 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await _abort(context, exc, method)
+                await _abort(context, exc, method, public)
         return gen_wrapper
-    return _wrap_unary(behavior, method)
+    return _wrap_unary(behavior, method, public)
 
 
 def server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
@@ -174,19 +178,18 @@ class GrpcServer:
 
     `services` lists (add_XServicer_to_server, servicer, full service name).
     `on_drain` runs after health turns NOT_SERVING and before the server stops
-    accepting calls; it may wait for in-flight work (bounded by the grace period).
+    accepting calls; it may wait for in-flight work (bounded by the grace period). `public`: the
+    service faces callers outside the mesh (see `ServiceInterceptor`).
     """
 
     def __init__(self, name: str, config: ServiceConfig, services: Sequence[Registration],
-                 *, on_drain: Callable[[], Awaitable[None]] | None = None,
-                 metrics: bool = True) -> None:
+                 *, on_drain: Callable[[], Awaitable[None]] | None = None, public: bool = False) -> None:
         self.name = name
         self.config = config
         self.services = list(services)
         self.on_drain = on_drain
-        self.metrics = metrics
         self.health = HealthServicer()
-        self.server = grpc.aio.server(interceptors=[ServiceInterceptor()], options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(public)], options=SERVER_OPTIONS)
         self.port = 0
         self.metrics_port = 0
         self._stopping: asyncio.Event | None = None
@@ -216,7 +219,7 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"cannot bind {address} (port in use?)")
         await self.server.start()
-        if self.metrics and self.config.metrics_port:
+        if self.config.metrics_port:
             self._start_metrics()
         logger.info("%s listening on %s:%d", self.name, self.config.host, self.port,
                     extra={"metrics_port": self.metrics_port or None})

@@ -1,10 +1,12 @@
-"""The frontend's clients: tokenizer, scheduler and workers, and the per-model tokenizer cache."""
+"""The frontend's clients of the tokenizer, scheduler and workers (the request path's `RequestBackends`
+over gRPC), the per-model tokenizer cache, and the model cards the workers report."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -12,13 +14,15 @@ from infermesh.common.channels import raw_channel
 from infermesh.common.context import request_metadata
 from infermesh.common.errors import InfermeshError, NotFound, Unavailable, from_rpc_error
 from infermesh.common.server import CHANNEL_OPTIONS
-from infermesh.frontend.detokenizer import TokenizerModel
+from infermesh.frontend.request.detokenizer import TokenizerModel
+from infermesh.frontend.request.interfaces import ModelFacts, WorkerCall
 from infermesh.v1 import (
     common_pb2,
     scheduler_pb2,
     scheduler_pb2_grpc,
     tokenizer_pb2,
     tokenizer_pb2_grpc,
+    worker_pb2,
     worker_pb2_grpc,
 )
 
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 RENDER_TIMEOUT = 30.0
 CONTROL_TIMEOUT = 5.0
 MODELS_TTL = 2.0
+MISSING_MODEL_TTL = 0.5  # a model no worker served is looked up again at most this often
 
 
 def rpc_error(err: grpc.RpcError, tier: str) -> InfermeshError:
@@ -52,6 +57,8 @@ class Backends:
         self._models: dict[str, TokenizerModel] = {}
         self._model_locks: dict[str, asyncio.Lock] = {}
         self._cards: tuple[float, list[common_pb2.ModelCard]] | None = None
+        self._facts: dict[str, ModelFacts] = {}
+        self._refreshing: asyncio.Task[Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     def worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
@@ -63,6 +70,11 @@ class Backends:
             entry = (ch, worker_pb2_grpc.WorkerStub(ch))
             self._workers[address] = entry
         return entry[1]
+
+    def generate(self, address: str, request: worker_pb2.GenerateTokensRequest,
+                 metadata: Sequence[tuple[str, str]], timeout: float | None) -> WorkerCall:
+        call: WorkerCall = self.worker(address).Generate(request, metadata=metadata, timeout=timeout)
+        return call
 
     async def tokenizer_model(self, model: str) -> TokenizerModel:
         """The model's decoding tokenizer, fetched once from the tokenizer service."""
@@ -81,7 +93,7 @@ class Backends:
                 raise rpc_error(err, "tokenizer") from None
             built = await asyncio.to_thread(
                 TokenizerModel, definition.model, definition.tokenizer_json, list(definition.eos_token_ids),
-                definition.max_model_len, definition.sha256)
+                definition.sha256)
             self._models[model] = built
             logger.info("loaded the tokenizer of %s (vocabulary %d)", model, built.vocab_size)
             return built
@@ -118,10 +130,10 @@ class Backends:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def model_cards(self) -> list[common_pb2.ModelCard]:
+    async def model_cards(self, fresh: bool = False) -> list[common_pb2.ModelCard]:
         """The models the scheduler's workers serve (cached briefly)."""
         now = time.monotonic()
-        if self._cards is not None and now - self._cards[0] < MODELS_TTL:
+        if not fresh and self._cards is not None and now - self._cards[0] < MODELS_TTL:
             return self._cards[1]
         try:
             reply = await self.scheduler.ListModels(common_pb2.ListModelsRequest(), timeout=CONTROL_TIMEOUT,
@@ -130,7 +142,31 @@ class Backends:
             raise rpc_error(err, "scheduler") from None
         cards = list(reply.models)
         self._cards = (now, cards)
+        self._facts = {c.id: ModelFacts(c.id, c.max_model_len, c.block_size) for c in cards}
         return cards
+
+    async def model_facts(self, model: str) -> ModelFacts | None:
+        """The window and block size the model's workers report; None when no worker serves it.
+
+        Served from the cached cards; stale cards are refreshed in the background (one call at a
+        time), and a model not among them is looked up again soon (its first worker may be new).
+        """
+        facts = self._facts.get(model)
+        if facts is None:
+            if self._cards is None or time.monotonic() - self._cards[0] >= MISSING_MODEL_TTL:
+                await self.model_cards(fresh=True)
+            return self._facts.get(model)
+        if self._cards is not None and time.monotonic() - self._cards[0] >= MODELS_TTL and self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        return facts
+
+    async def _refresh(self) -> None:
+        try:
+            await self.model_cards(fresh=True)
+        except InfermeshError as exc:
+            logger.warning("refreshing the model cards failed: %s", exc.message)
+        finally:
+            self._refreshing = None
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """Whether a request can be served: tokenizer, scheduler and a ready worker."""
@@ -154,6 +190,8 @@ class Backends:
         return ok, checks
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            await asyncio.wait({self._refreshing}, timeout=CONTROL_TIMEOUT)
         for task in list(self._background):
             await asyncio.wait({task}, timeout=CONTROL_TIMEOUT)
         await self.tokenizer_channel.close()

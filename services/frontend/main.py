@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator, Sequence
 
 from infermesh.common.config import ServiceConfig, option
+from infermesh.common.limits import MAX_BODY_BYTES
 from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
 
@@ -23,7 +24,7 @@ class FrontendConfig(ServiceConfig):
     tokenizer: str = option("127.0.0.1:50051", "Tokenizer service address.")
     scheduler: str = option("127.0.0.1:50052", "Scheduler service address.")
     api_keys: str = option("", "API keys as name:key,name2:key2 (each name a tenant); empty: no auth.")
-    max_body_bytes: int = option(4 * 1024 * 1024, "Largest request body accepted (larger: HTTP 413).")
+    max_body_bytes: int = option(MAX_BODY_BYTES, "Largest request body accepted (larger: HTTP 413).")
     keepalive: float = option(5.0, "Seconds between SSE keep-alive comments while a stream waits.")
     first_event_wait: float = option(1.0, "Seconds a stream waits for a quick error before committing to 200.")
     admit_timeout: float = option(0.0, "Upper bound on waiting for admission, seconds (0: the scheduler's).")
@@ -90,12 +91,12 @@ class _HttpServer:
 
 async def serve(config: FrontendConfig) -> None:
     from infermesh.common.channels import configure_tls
+    from infermesh.frontend.app import create_app
     from infermesh.frontend.auth import ApiKeys
     from infermesh.frontend.backends import Backends
     from infermesh.frontend.drain import Drain
     from infermesh.frontend.grpc_api import InferenceService
-    from infermesh.frontend.http_app import create_app
-    from infermesh.frontend.serving import ServingOptions
+    from infermesh.frontend.request.generation import ServingOptions
     from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
     configure_tls(config)  # the channels to the tokenizer, scheduler and workers
@@ -116,7 +117,7 @@ async def serve(config: FrontendConfig) -> None:
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
     service = InferenceService(backends, keys, options)
     server = GrpcServer("frontend", config, [(inference_pb2_grpc.add_InferenceServicer_to_server, service, name)],
-                        on_drain=on_drain)
+                        on_drain=on_drain, public=True)
 
     async def ready() -> None:
         await http.start()

@@ -1,10 +1,20 @@
-"""The frontend's Prometheus metrics (served on its HTTP port at /metrics)."""
+"""The frontend's Prometheus metrics (served on its HTTP port at /metrics).
+
+Every labelled family exists at zero before its first request (`precreate`),
+so that an alert or a KEDA query reads 0 rather than "no data".
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from infermesh.common.metrics import LATENCY_BUCKETS
+from infermesh.v1 import inference_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
+GRPC_METHODS = tuple(m.name for m in inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods)
+# The gRPC codes a worker failure that the frontend retries can carry.
+RETRY_REASONS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED", "ABORTED")
 _TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 HTTP_REQUESTS = Counter("infermesh_http_requests_total", "HTTP requests by route and status code.",
@@ -24,3 +34,13 @@ RETRIES = Counter("infermesh_frontend_worker_retries_total",
 # The labelled children used on every request (a `labels()` lookup takes a lock and hashes the labels).
 ACTIVE_HTTP = ACTIVE_STREAMS.labels(api="http")
 ACTIVE_GRPC = ACTIVE_STREAMS.labels(api="grpc")
+
+
+def precreate(routes: Iterable[str]) -> None:
+    """Creates the series at zero: each route's 200, each public gRPC method's OK, each retry reason."""
+    for route in routes:
+        HTTP_REQUESTS.labels(route=route, code="200")
+    for method in GRPC_METHODS:
+        GRPC_REQUESTS.labels(method=method, code="OK")
+    for reason in RETRY_REASONS:
+        RETRIES.labels(reason=reason)

@@ -1,11 +1,12 @@
-"""The frontend's OpenAPI schema (served at /openapi.json), built from the request models."""
+"""The frontend's OpenAPI document (served at /openapi.json), built from the route table and the request models."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from infermesh.frontend.protocol import ChatCompletionRequest, CompletionRequest
+from infermesh.common.errors import ERRORS
+from infermesh.frontend.routes import Route
 from pydantic.json_schema import models_json_schema
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -13,46 +14,45 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
+# The statuses a generation request can answer with: the error table's, less those no client reads.
+_GENERATION_ERRORS = sorted({cls.http_status for cls in ERRORS if cls.http_status not in (499, 405, 500)})
 
-def _responses(ok: str) -> dict[str, Any]:
+
+def _operation(route: Route) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": route.summary}
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    out: dict[str, Any] = {"200": {"description": ok, "content": {
-        "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}}
-    for code, text in (("400", "Invalid request"), ("401", "Missing or wrong API key"), ("404", "Unknown model"),
-                       ("413", "Body too large"), ("429", "Overloaded; see Retry-After"),
-                       ("503", "Nothing can serve the request")):
-        out[code] = {"description": text, **error}
-    return out
+    if route.body is None:
+        op["responses"] = {str(c): {"description": route.summary} for c in route.statuses}
+        return op
+    op["requestBody"] = {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}}}}
+    ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    if route.streams:
+        ok["text/event-stream"] = {"schema": {"type": "string"}}
+    responses: dict[str, Any] = {"200": {"description": route.summary, "content": ok}}
+    for status in _GENERATION_ERRORS:
+        responses[str(status)] = {"description": next(c.__doc__ or "" for c in ERRORS if c.http_status == status)
+                                  .split("\n")[0], **error}
+    op["responses"] = responses
+    return op
 
 
-def _post(ref: str, summary: str) -> dict[str, Any]:
-    return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}},
-        "responses": _responses(summary)}}
-
-
-def _get(summary: str, codes: tuple[str, ...] = ("200",)) -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": {c: {"description": summary} for c in codes}}}
-
-
-def openapi_schema(models: Sequence[str] = ()) -> dict[str, Any]:
-    """The schema; `models` (the served ones, when known) become the `model` field's allowed values."""
-    _, defs = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
-                                 ref_template="#/components/schemas/{model}")
+def openapi_schema(routes: Sequence[Route], models: Sequence[str] = ()) -> dict[str, Any]:
+    """The document; `models` (the served ones, when known) become the `model` field's allowed values."""
+    bodies = [r.body for r in routes if r.body is not None]
+    _, defs = models_json_schema([(b, "validation") for b in bodies], ref_template="#/components/schemas/{model}")
     schemas = dict(defs.get("$defs", {}))
     if models:
-        for name in ("ChatCompletionRequest", "CompletionRequest"):
-            schemas[name]["properties"]["model"] = {"type": "string", "enum": list(models),
-                                                    "title": "Model"}
+        for body in bodies:
+            schemas[body.__name__]["properties"]["model"] = {"type": "string", "enum": list(models),
+                                                             "title": "Model"}
     schemas["Error"] = _ERROR
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.1.0",
         "info": {"title": "infermesh frontend", "version": "1", "description": "OpenAI-compatible API."},
-        "paths": {
-            "/v1/chat/completions": _post("ChatCompletionRequest", "Chat completion"),
-            "/v1/completions": _post("CompletionRequest", "Text completion"),
-            "/v1/models": _get("Models served", ("200", "401", "503")),
-            "/health": _get("Whether a request can be served", ("200", "503")),
-        },
+        "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

@@ -3,6 +3,8 @@
 Dashboards, KEDA rules and the Gateway API Inference Extension written for
 `vllm serve` read these unchanged. Both engines export the same series from
 this module (vLLM's own Prometheus logger is turned off, so nothing clashes).
+As under `vllm serve`, the model's series exist from start, at zero
+(`precreate`), so that a query reads 0 rather than "no data".
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
+FINISH_REASONS = ("stop", "length", "abort")
+# The gRPC codes Generate refuses a call with.
+REFUSED_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "NOT_FOUND", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED")
+
 RUNNING = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", ["model_name"])
 WAITING = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", ["model_name"])
 KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", ["model_name"])
@@ -38,6 +44,9 @@ SUCCESS = Counter("vllm:request_success", "Count of successfully processed reque
 PREFIX_HIT_RATE = Gauge("infermesh_worker_prefix_cache_hit_rate", "Prefix-cache hit rate over recent requests.",
                         ["model_name"])
 REFUSED = Counter("infermesh_worker_refused_total", "Generate calls refused, by gRPC code.", ["model_name", "code"])
+DEADLINE_EXCEEDED = Counter("infermesh_worker_deadline_exceeded_total",
+                            "Generate calls whose caller's deadline passed: refused on arrival, or aborted "
+                            "in the engine while generating.", ["model_name"])
 
 
 def export_load(model: str, load: Callable[[], EngineLoad]) -> None:
@@ -46,6 +55,18 @@ def export_load(model: str, load: Callable[[], EngineLoad]) -> None:
     WAITING.labels(model_name=model).set_function(lambda: load().waiting)
     KV_USAGE.labels(model_name=model).set_function(lambda: load().kv_cache_usage)
     PREFIX_HIT_RATE.labels(model_name=model).set_function(lambda: load().prefix_cache_hit_rate)
+
+
+def precreate(model: str) -> None:
+    """Creates the model's request series at zero."""
+    _children(model)
+    PROMPT_TOKENS.labels(model_name=model)
+    E2E.labels(model_name=model)
+    for reason in FINISH_REASONS:
+        SUCCESS.labels(model_name=model, finished_reason=reason)
+    for code in REFUSED_CODES:
+        REFUSED.labels(model_name=model, code=code)
+    DEADLINE_EXCEEDED.labels(model_name=model)
 
 
 @functools.lru_cache(maxsize=16)

@@ -8,45 +8,34 @@ Eviction follows vLLM: a request's blocks go back to the free queue in reverse
 order, so within a prompt the tail is evicted before the head, and what stays
 cached of an older prompt is a usable prefix rather than blocks that follow a
 missing one. A lookup counts only the contiguous run of cached blocks from the
-first (a block is usable only with all of its predecessors).
+first (a block is usable only with all of its predecessors). Both rules are the
+shared `PrefixLRU`'s, the same the scheduler keeps per worker.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 
-from infermesh.common.prefix import block_hashes
+from infermesh.common.prefix import PrefixLRU, block_hashes
 
 
 class PrefixCache:
     """Holds up to `capacity_blocks` block hashes; least recently used first, a prompt's tail before its head."""
 
     def __init__(self, capacity_blocks: int, block_size: int, window: int = 256) -> None:
-        self.capacity_blocks = max(0, capacity_blocks)
         self.block_size = block_size
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._lru = PrefixLRU(capacity_blocks)
         # (prompt tokens, cached tokens) of recent requests, for the hit rate.
         self._recent: deque[tuple[int, int]] = deque(maxlen=window)
 
     def __len__(self) -> int:
-        return len(self._blocks)
+        return len(self._lru)
 
     def lookup_and_insert(self, ids: list[int]) -> int:
         """The number of leading tokens of `ids` already cached; then caches all of its blocks."""
-        hashes = block_hashes(ids, self.block_size)
-        hits = 0
-        for h in hashes:
-            if h not in self._blocks:
-                break
-            hits += 1
-        # Touched last to first: the head ends most recently used, so the tail is evicted first.
-        for h in reversed(hashes):
-            if h in self._blocks:
-                self._blocks.move_to_end(h)
-            elif self.capacity_blocks:
-                self._blocks[h] = None
-        while len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
+        hashes = block_hashes(ids, self.block_size)  # one engine, one model: no salt needed
+        hits = self._lru.match(hashes)
+        self._lru.insert(hashes)
         # Like vLLM, the last prompt token is always computed (it yields the first logits).
         cached = min(hits * self.block_size, max(0, len(ids) - 1))
         self._recent.append((len(ids), cached))

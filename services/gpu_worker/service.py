@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from infermesh.common.context import current_request_id
-from infermesh.common.errors import EngineDead, InfermeshError, NotFound, Unavailable
+from infermesh.common.errors import DeadlineExceeded, EngineDead, InfermeshError, NotFound, Unavailable
 from infermesh.gpu_worker import metrics
+from infermesh.gpu_worker.deadlines import DeadlineTimer, seconds_left
 from infermesh.gpu_worker.engine import Delta, Engine
 from infermesh.gpu_worker.load import LoadTracker
 from infermesh.gpu_worker.validation import build_request
@@ -30,6 +31,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.tracker = LoadTracker(self.info.max_num_seqs, self.info.kv_capacity_tokens)
         self.ready = False
         metrics.export_load(self.info.model, engine.load)
+        metrics.precreate(self.info.model)
 
     def engine_started(self) -> None:
         """The engine knows its capacity only once it has started."""
@@ -55,6 +57,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                         param="model"))
         caller_id = request.context.request_id or current_request_id()
         req = build_request(request, self.info, f"{caller_id}-{uuid.uuid4().hex[:8]}")
+        left: float | None = None
+        if request.context.HasField("deadline"):
+            left = seconds_left(request.context.deadline)
+            if left <= 0:
+                metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
+                raise self._refuse(DeadlineExceeded(f"the request's deadline passed {-left:.3g}s before it "
+                                                    "reached the worker"))
         try:
             held = self.tracker.hold(req, caller_id, request.lease_id)
         except InfermeshError as exc:
@@ -66,16 +75,36 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         observed = metrics.RequestMetrics(self.info.model, prompt_tokens)
         finish = "abort"
         stream = self.engine.generate(req)
+        # The caller's deadline: one timer aborts the request in the engine when it passes.
+        timer = None if left is None else DeadlineTimer(
+            left, lambda: asyncio.ensure_future(self.engine.abort(held.key)), asyncio.current_task())
+        expired = False
         try:
             async for delta in stream:
                 observed.on_delta(delta)
                 if delta.finish_reason:
                     finish = delta.finish_reason
+                    if finish == "abort" and timer is not None and timer.expired:
+                        expired = True
+                        continue  # the deadline's abort: the call ends with DEADLINE_EXCEEDED instead
                 yield _to_proto(delta, prompt_tokens)
+        except asyncio.CancelledError:
+            if timer is None or not timer.forced:
+                raise
+            # The engine did not end the stream after the deadline's abort: the timer cancelled us.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            expired, finish = True, "abort"
         finally:
+            if timer is not None:
+                timer.cancel()
             await stream.aclose()
             self.tracker.release(held)
             observed.on_finish(finish)
+        if expired:
+            metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
+            raise DeadlineExceeded("the request's deadline passed while it was generating; aborted in the engine")
 
     def _ended(self, key: str) -> None:
         held = self.tracker.held.get(key)

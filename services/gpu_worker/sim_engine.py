@@ -109,7 +109,8 @@ class SimEngine(Engine):
                                kv_capacity_tokens=options.kv_capacity_tokens,
                                block_size=options.block_size, eos_token_ids=self.vocab.eos_token_ids,
                                simulated=True, version="sim")
-        self.cache = PrefixCache(options.kv_capacity_tokens // options.block_size, options.block_size)
+        self.cache = PrefixCache(options.kv_capacity_tokens // options.block_size,
+                                 block_size=options.block_size)
         self._seqs: dict[str, _Seq] = {}
         self._running = 0
         self._waiting = 0

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, Unavailable
+from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, QueueTimeout, Unavailable
 from infermesh.scheduler import metrics
 from infermesh.scheduler.admission import PRIORITY_NAMES, DrainRate, FairQueue, ServiceRate, Ticket, priority_level
 from infermesh.scheduler.capacity import State, WorkerCapacity
@@ -58,6 +58,8 @@ class ModelInfo:
     name: str
     max_model_len: int = 0
     simulated: bool = False
+    block_size: int = 0  # KV block size in tokens, from the first worker that reported one (0: none yet)
+    block_size_warned: bool = False
     queue: FairQueue = field(default_factory=FairQueue)
     drain: DrainRate = field(default_factory=DrainRate)
     service: ServiceRate = field(default_factory=ServiceRate)
@@ -88,6 +90,7 @@ class Dispatcher:
         info = self.models.get(name)
         if info is None:
             info = self.models[name] = ModelInfo(name, queue=FairQueue(self.tenant_weights))
+            metrics.precreate_model(name, self.policy.name)
         return info
 
     def _reindex(self) -> None:
@@ -104,6 +107,13 @@ class Dispatcher:
         m = self._model(w.model)
         m.max_model_len = max(m.max_model_len, w.max_model_len)
         m.simulated = m.simulated or w.simulated
+        if info.block_size and not m.block_size:
+            m.block_size = info.block_size
+        elif info.block_size and info.block_size != m.block_size and not m.block_size_warned:
+            m.block_size_warned = True
+            logger.warning("worker %s (%s) of %r reports KV block size %d, the model's first worker %d: prefix "
+                           "hashes keep %d (reported once per model)", w.name, address, w.model,
+                           info.block_size, m.block_size, m.block_size)
 
     def on_report(self, address: str, report: Any) -> None:
         w = self.worker(address)
@@ -187,9 +197,9 @@ class Dispatcher:
                    and w.worker_id not in ticket.exclude]
         if not fitting:
             return None
-        worker, outcome = self.policy.choose(fitting, ticket.prefix_hashes)
+        worker, outcome = self.policy.choose(fitting, ticket)
         metrics.child(metrics.ROUTING, self.policy.name, outcome).inc()
-        self.policy.routed(worker, ticket.prefix_hashes)
+        self.policy.routed(worker, ticket)
         lease = self.leases.grant(worker.address, worker.worker_id, ticket.tokens, self.clock(),
                                   self.limits.lease_ttl)
         worker.reserve(lease.lease_id, ticket.tokens, ticket.seqs)
@@ -197,19 +207,24 @@ class Dispatcher:
         return lease
 
     async def admit(self, ticket: Ticket, timeout: float | None = None) -> Grant:
-        """A lease for the ticket, waiting at most `timeout` (and the queue timeout)."""
+        """A lease for the ticket, waiting at most `timeout` (the caller's deadline) and the queue timeout.
+
+        Refusals: `DeadlineExceeded` once the caller's deadline passes (on arrival or in the queue);
+        `Overloaded` for a full queue or an SLO forecast and `QueueTimeout` for the queue timeout (or
+        the SLO's budget), both with a `retry_after` hint from the queue's drain rate.
+        """
         try:
             self._check(ticket)
         except (InvalidRequest, NotFound, Unavailable) as exc:
             reason = {InvalidRequest: "invalid", NotFound: "unknown_model"}.get(type(exc), "no_worker")
             metrics.child(metrics.REJECTED, reason).inc()
             raise
+        if timeout is not None and timeout <= 0:  # refused at once, even with room
+            metrics.child(metrics.REJECTED, "deadline").inc()
+            raise DeadlineExceeded("the request's deadline passed before it reached the scheduler")
         budget = self.limits.budget()
         limit = self.limits.queue_timeout if budget is None else budget
         wait = limit if timeout is None else min(timeout, limit)
-        if wait <= 0:
-            metrics.child(metrics.REJECTED, "deadline").inc()
-            raise DeadlineExceeded("the request's deadline passed before it was admitted")
         model = self.models[ticket.model]
         now = self.clock()
         ticket.enqueued_at = now
@@ -250,12 +265,17 @@ class Dispatcher:
             reason = "timeout"
         self._give_up(ticket, reason)
         future.cancel()
+        if reason == "deadline":
+            raise DeadlineExceeded(f"the request's deadline passed after {wait:.3g}s in the admission queue "
+                                   f"of {ticket.model!r}")
+        # Retry once the queue has moved past this ticket's place: those still waiting, and itself.
+        retry_after = model.drain.retry_after(len(model.queue) + 1, self.clock(),
+                                              ceiling=self.limits.queue_timeout)
         if reason == "slo_budget":
-            raise Overloaded(f"no worker had room within {wait:.3g}s, the admission queue's share of the "
-                             f"{self.limits.ttft_slo:g}s TTFT SLO",
-                             retry_after=model.drain.retry_after(len(model.queue), self.clock(), ceiling=wait))
-        what = "its deadline" if reason == "deadline" else "the queue timeout"
-        raise DeadlineExceeded(f"no worker had room within {wait:.3g}s ({what})")
+            raise QueueTimeout(f"no worker had room within {wait:.3g}s, the admission queue's share of the "
+                               f"{self.limits.ttft_slo:g}s TTFT SLO", retry_after=min(retry_after, wait))
+        raise QueueTimeout(f"no worker had room within {wait:.3g}s (the queue timeout of {ticket.model!r})",
+                           retry_after=retry_after)
 
     def _forecast(self, model: ModelInfo, ticket: Ticket, budget: float, now: float) -> None:
         """Refuses at once a ticket that would likely wait longer than the SLO's budget."""

@@ -1,10 +1,34 @@
-"""The scheduler's Prometheus metrics (served on its metrics port)."""
+"""The scheduler's Prometheus metrics (served on its metrics port).
+
+Every family exists at zero before its first event, so that an alert or a KEDA
+query reads 0 rather than "no data": the series without a model label from
+import, a model's series (and the routing policy's outcomes) from the moment
+a worker first reports the model (`precreate_model`). The label values each
+family takes are listed here; `child` logs an error for any other (a new
+reason must be listed, so that its series exists from start) and counts it.
+"""
 
 from __future__ import annotations
 
+import logging
+
 from infermesh.common.metrics import LATENCY_BUCKETS
+from infermesh.scheduler.admission import PRIORITY_NAMES
 from infermesh.scheduler.capacity import WorkerCapacity
 from prometheus_client import Counter, Gauge, Histogram
+
+logger = logging.getLogger(__name__)
+
+REJECT_REASONS = ("queue_full", "timeout", "deadline", "no_worker", "unknown_model", "too_large", "invalid",
+                  "cancelled", "slo_budget", "slo_forecast")
+# The outcomes each policy of `infermesh.scheduler.policies` decides with (a policy not listed,
+# such as a test's, has its series created as it first decides).
+ROUTING_OUTCOMES: dict[str, tuple[str, ...]] = {
+    "round_robin": ("rotation",),
+    "least_load": ("least_loaded",),
+    "prefix_affinity": ("no_prefix", "miss", "hit", "imbalanced"),
+}
+LEASE_ENDINGS = ("finished", "released", "worker_failed", "expired", "worker_lost")
 
 QUEUE_DEPTH = Gauge("infermesh_scheduler_queue_depth", "Requests waiting for a lease.",
                     ["model", "priority"])
@@ -20,7 +44,7 @@ QUEUE_TIME = Histogram("infermesh_scheduler_queue_time_seconds",
 ROUTING = Counter("infermesh_scheduler_routing_decisions_total", "Routing decisions by policy and outcome.",
                   ["policy", "outcome"])
 LEASES_ENDED = Counter("infermesh_scheduler_leases_ended_total",
-                       "Leases ended, by how (finished, released, expired, worker_lost).", ["how"])
+                       f"Leases ended, by how ({', '.join(LEASE_ENDINGS)}).", ["how"])
 
 _WORKER_LABELS = ["worker", "model"]
 WORKER_STATE = Gauge("infermesh_scheduler_worker_state",
@@ -68,12 +92,44 @@ def observe_worker(worker: WorkerCapacity) -> None:
 
 
 def child(metric, *labels: str):
-    """`metric.labels(*labels)`, looked up once per label set (the hot paths call it per request)."""
+    """`metric.labels(*labels)`, looked up once per label set (the hot paths call it per request).
+
+    A label value not declared above is logged as an error (once) and counted all the same.
+    """
     key = (id(metric), labels)
     found = _children.get(key)
     if found is None:
+        if not declared(metric, labels):
+            logger.error("%s is not a declared label set of %s: list it in %s", labels, metric._name, __name__)
         found = _children[key] = metric.labels(*labels)
     return found
 
 
 _children: dict[tuple[int, tuple[str, ...]], object] = {}
+
+
+def declared(metric, labels: tuple[str, ...]) -> bool:
+    if metric is REJECTED:
+        return labels[0] in REJECT_REASONS
+    if metric is LEASES_ENDED:
+        return labels[0] in LEASE_ENDINGS
+    if metric is ROUTING:
+        policy, outcome = labels
+        return policy not in ROUTING_OUTCOMES or outcome in ROUTING_OUTCOMES[policy]
+    return True
+
+
+def precreate_model(model: str, policy: str) -> None:
+    """Creates a model's series at zero, and those of the routing policy's outcomes."""
+    for priority in PRIORITY_NAMES.values():
+        child(QUEUE_DEPTH, model, priority)
+    child(ADMITTED, model)
+    child(QUEUE_TIME, model)
+    for outcome in ROUTING_OUTCOMES.get(policy, ()):
+        child(ROUTING, policy, outcome)
+
+
+for _reason in REJECT_REASONS:
+    child(REJECTED, _reason)
+for _how in LEASE_ENDINGS:
+    child(LEASES_ENDED, _how)

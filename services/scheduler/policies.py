@@ -7,15 +7,19 @@ index of the prefix block hashes recently routed to it; a request goes to the
 worker with the longest cached prefix unless that worker is loaded beyond the
 least-loaded one by both an absolute and a relative threshold, in which case
 the request is balanced to the least-loaded worker instead.
+
+A policy sees the whole admission request (the `Ticket`: its prefix hashes,
+model, tenant, priority, size), not only its hashes.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
+from infermesh.common.prefix import PrefixLRU
+from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.capacity import WorkerCapacity
 
 POLICIES = ("prefix_affinity", "least_load", "round_robin")
@@ -24,12 +28,11 @@ POLICIES = ("prefix_affinity", "least_load", "round_robin")
 class Policy(Protocol):
     name: str
 
-    def choose(self, candidates: Sequence[WorkerCapacity], prefix_hashes: Sequence[int]
-               ) -> tuple[WorkerCapacity, str]:
-        """The chosen worker and the decision's outcome label."""
+    def choose(self, candidates: Sequence[WorkerCapacity], ticket: Ticket) -> tuple[WorkerCapacity, str]:
+        """The chosen worker for `ticket` and the decision's outcome label."""
 
-    def routed(self, worker: WorkerCapacity, prefix_hashes: Sequence[int]) -> None:
-        """A lease was granted on `worker` for a prompt with these hashes."""
+    def routed(self, worker: WorkerCapacity, ticket: Ticket) -> None:
+        """A lease was granted on `worker` for `ticket`."""
 
     def forget(self, address: str) -> None:
         """The worker is gone (its cache with it)."""
@@ -46,11 +49,10 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def choose(self, candidates: Sequence[WorkerCapacity], prefix_hashes: Sequence[int]
-               ) -> tuple[WorkerCapacity, str]:
+    def choose(self, candidates: Sequence[WorkerCapacity], ticket: Ticket) -> tuple[WorkerCapacity, str]:
         return candidates[next(self._turn) % len(candidates)], "rotation"
 
-    def routed(self, worker: WorkerCapacity, prefix_hashes: Sequence[int]) -> None:
+    def routed(self, worker: WorkerCapacity, ticket: Ticket) -> None:
         pass
 
     def forget(self, address: str) -> None:
@@ -60,44 +62,8 @@ class RoundRobin:
 class LeastLoad(RoundRobin):
     name = "least_load"
 
-    def choose(self, candidates: Sequence[WorkerCapacity], prefix_hashes: Sequence[int]
-               ) -> tuple[WorkerCapacity, str]:
+    def choose(self, candidates: Sequence[WorkerCapacity], ticket: Ticket) -> tuple[WorkerCapacity, str]:
         return _least_loaded(candidates), "least_loaded"
-
-
-class PrefixIndex:
-    """An LRU set of the prefix block hashes recently routed to one worker.
-
-    It evicts as the worker's cache does (vLLM frees a request's blocks last to first): within a
-    prompt the tail goes before the head.
-    """
-
-    def __init__(self, capacity_blocks: int) -> None:
-        self.capacity = max(1, capacity_blocks)
-        self._blocks: OrderedDict[int, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def match(self, hashes: Sequence[int]) -> int:
-        """Leading blocks of `hashes` held (a scan: a block counts only with all of its predecessors)."""
-        blocks = self._blocks
-        n = 0
-        for h in hashes:
-            if h not in blocks:
-                break
-            n += 1
-        return n
-
-    def insert(self, hashes: Sequence[int]) -> None:
-        blocks = self._blocks
-        for h in reversed(hashes):  # the head ends most recently used
-            if h in blocks:
-                blocks.move_to_end(h)
-            else:
-                blocks[h] = None
-        while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
 
 
 class PrefixAffinity:
@@ -108,22 +74,23 @@ class PrefixAffinity:
         self.abs_threshold = balance_abs_threshold
         self.rel_threshold = balance_rel_threshold
         self.index_blocks = index_blocks
-        self._indexes: dict[str, PrefixIndex] = {}
+        # Per worker, the prefix blocks recently routed to it: an approximation of its cache.
+        self._indexes: dict[str, PrefixLRU] = {}
 
-    def _index(self, worker: WorkerCapacity) -> PrefixIndex:
+    def _index(self, worker: WorkerCapacity) -> PrefixLRU:
         index = self._indexes.get(worker.address)
         if index is None:
-            blocks = self.index_blocks or max(1, worker.kv_capacity_tokens // max(1, worker.block_size))
-            index = self._indexes[worker.address] = PrefixIndex(blocks)
+            blocks = self.index_blocks or worker.kv_capacity_tokens // max(1, worker.block_size)
+            index = self._indexes[worker.address] = PrefixLRU(max(1, blocks))
         return index
 
     def imbalanced(self, chosen: WorkerCapacity, least: WorkerCapacity) -> bool:
         a, b = chosen.load(), least.load()
         return a - b > self.abs_threshold and a > b * self.rel_threshold
 
-    def choose(self, candidates: Sequence[WorkerCapacity], prefix_hashes: Sequence[int]
-               ) -> tuple[WorkerCapacity, str]:
+    def choose(self, candidates: Sequence[WorkerCapacity], ticket: Ticket) -> tuple[WorkerCapacity, str]:
         least = _least_loaded(candidates)
+        prefix_hashes = ticket.prefix_hashes
         if not prefix_hashes:
             return least, "no_prefix"
         best, best_len = least, 0
@@ -138,9 +105,9 @@ class PrefixAffinity:
             return least, "imbalanced"
         return best, "hit"
 
-    def routed(self, worker: WorkerCapacity, prefix_hashes: Sequence[int]) -> None:
-        if prefix_hashes:
-            self._index(worker).insert(prefix_hashes)
+    def routed(self, worker: WorkerCapacity, ticket: Ticket) -> None:
+        if ticket.prefix_hashes:
+            self._index(worker).insert(ticket.prefix_hashes)
 
     def forget(self, address: str) -> None:
         self._indexes.pop(address, None)

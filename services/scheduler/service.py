@@ -76,4 +76,5 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         models = [self.dispatcher.models[name] for name in sorted(served) if name in self.dispatcher.models]
         return common_pb2.ListModelsResponse(models=[
             common_pb2.ModelCard(id=m.name, max_model_len=m.max_model_len, simulated=m.simulated,
-                                 owned_by="infermesh", created=self.created) for m in models])
+                                 owned_by="infermesh", created=self.created, block_size=m.block_size)
+            for m in models])

@@ -20,17 +20,14 @@ class TokenizerConfig(ServiceConfig):
     metrics_port: int = option(9101, "Port of the Prometheus /metrics endpoint (0: none).")
     model: list[str] = option(factory=list, help="Model directory, or NAME=DIR; repeat for several "
                               "(default: the prepared default model).")
-    max_model_len: int = option(0, "Cap on the context window (0: the model's own).")
     threads: int = option(8, "Threads that render and encode (long prompts also use every core inside `tokenizers`).")
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        if self.max_model_len < 0:
-            problems.append("max_model_len must be >= 0")
         if self.threads < 1:
             problems.append("threads must be >= 1")
         for spec in self.model:
-            from infermesh.tokenizer.models import parse_model_spec
+            from infermesh.common.model_prep import parse_model_spec
 
             _, path = parse_model_spec(spec)
             if not (path / "tokenizer.json").is_file():
@@ -51,15 +48,16 @@ def model_specs(config: TokenizerConfig) -> list[str]:
 
 
 async def serve(config: TokenizerConfig) -> None:
-    from infermesh.tokenizer.models import ModelRegistry, ModelTokenizer, parse_model_spec
+    from infermesh.common.model_prep import parse_model_spec
+    from infermesh.tokenizer.models import ModelRegistry, ModelTokenizer
     from infermesh.tokenizer.service import TokenizerService
     from infermesh.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
     models = []
     for spec in model_specs(config):
         name, path = parse_model_spec(spec)
-        models.append(ModelTokenizer.load(name, Path(path), config.max_model_len))
-        logger.info("loaded tokenizer for %s (context %d)", name, models[-1].max_model_len)
+        models.append(ModelTokenizer.load(name, Path(path)))
+        logger.info("loaded tokenizer for %s (vocabulary %d)", name, models[-1].vocab_size)
     service = TokenizerService(ModelRegistry(models), workers=config.threads)
     name = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
     server = GrpcServer("tokenizer", config, [(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, service, name)])

@@ -1,4 +1,9 @@
-"""Tokenizers loaded from Hugging Face model directories."""
+"""Tokenizers loaded from Hugging Face model directories.
+
+The tokenizer tier renders and encodes; it does not judge lengths. The context
+window is the engine's, reported by the model's workers, and checked by the
+frontend with `infermesh.common.limits.check_context`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from infermesh.common.errors import InvalidRequest, NotFound
-from infermesh.common.model_prep import parse_model_spec  # noqa: F401 - re-exported for callers
 from infermesh.tokenizer.chat_template import ChatTemplate
 from tokenizers import Tokenizer
 
@@ -73,24 +77,27 @@ def _ids(value: Any) -> list[int]:
 
 @dataclass
 class ModelTokenizer:
-    """One model's tokenizer, chat template and context window."""
+    """One model's tokenizer and chat template."""
 
     name: str
     path: Path
     tokenizer: Tokenizer
     tokenizer_json: bytes
-    max_model_len: int
     chat_template: ChatTemplate | None
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     chunked: bool = False
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.tokenizer_json).hexdigest()
 
     @classmethod
-    def load(cls, name: str, path: Path, max_model_len: int = 0) -> ModelTokenizer:
+    def load(cls, name: str, path: Path) -> ModelTokenizer:
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json (not a Hugging Face model directory?)")
         raw = (path / "tokenizer.json").read_bytes()
@@ -106,11 +113,6 @@ class ModelTokenizer:
             template_src = (path / "chat_template.jinja").read_text(encoding="utf-8")
         elif isinstance(tok_config.get("chat_template"), str):
             template_src = tok_config["chat_template"]
-        window = int(config.get("max_position_embeddings") or config.get("n_positions") or 0)
-        if max_model_len:
-            window = min(window, max_model_len) if window else max_model_len
-        if window <= 0:
-            raise ValueError(f"{path}: cannot tell the context window; pass --max-model-len")
         eos = _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
         eos += [i for i in _ids(config.get("eos_token_id")) if i not in eos]
         eos_text = special.get("eos_token")
@@ -119,7 +121,6 @@ class ModelTokenizer:
         bos_text = special.get("bos_token")
         bos_id = tokenizer.token_to_id(bos_text) if bos_text else None
         return cls(name=name, path=path, tokenizer=tokenizer, tokenizer_json=raw,
-                   max_model_len=window,
                    chat_template=ChatTemplate(template_src, special) if template_src else None,
                    eos_token_ids=eos, bos_token_id=bos_id,
                    chunked=_chunk_safe(json.loads(raw)))
@@ -157,23 +158,6 @@ class ModelTokenizer:
                 raise InvalidRequest(f"items[{i}]: token id {bad} is outside the vocabulary (size {vocab})",
                                      param="items")
         return self.tokenizer.decode_batch(items, skip_special_tokens=skip_special_tokens)
-
-    def check_length(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """The output budget; InvalidRequest when the prompt plus max_tokens does not fit."""
-        window = self.max_model_len
-        if max_tokens is not None:
-            if prompt_tokens + max_tokens > window:
-                raise InvalidRequest(
-                    f"This model's maximum context length is {window} tokens. However, you requested "
-                    f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
-                    f"the completion). Please reduce the length of the prompt or max_tokens.",
-                    param="max_tokens" if prompt_tokens < window else "messages")
-            return max_tokens
-        if prompt_tokens >= window:
-            raise InvalidRequest(
-                f"This model's maximum context length is {window} tokens. However, the prompt has "
-                f"{prompt_tokens} tokens. Please reduce the length of the prompt.", param="messages")
-        return window - prompt_tokens
 
 
 class ModelRegistry:

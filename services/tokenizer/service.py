@@ -28,6 +28,7 @@ REQUESTS = Counter("infermesh_tokenizer_requests_total", "Tokenizer calls by met
 SECONDS = Histogram("infermesh_tokenizer_request_seconds", "Tokenizer call latency.", ["method"],
                     buckets=LATENCY_BUCKETS)
 TOKENS = Counter("infermesh_tokenizer_tokens_total", "Prompt tokens rendered.", ["model"])
+METHODS = tuple(m.name for m in tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].methods)
 
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
@@ -39,7 +40,11 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         self.created = int(time.time())
         self.cores = os.cpu_count() or 1
         self.in_flight = 0
-        self._tokens: dict[str, Any] = {}  # labelled TOKENS children, by model
+        # Labelled TOKENS children, by model: every series at zero from start, not from its first call.
+        self._tokens: dict[str, Any] = {name: TOKENS.labels(model=name) for name in registry.models}
+        for method in METHODS:
+            REQUESTS.labels(method=method, code="OK")
+            SECONDS.labels(method=method)
 
     async def _run(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
         if inline:
@@ -80,14 +85,8 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
                 short = sum(len(m["content"]) for m in messages) <= INLINE_CHARS
                 ids = await self._run(model.render_chat, messages, add_gen, self.idle_cores, inline=short)
-            max_tokens = model.check_length(
-                len(ids), request.max_tokens if request.HasField("max_tokens") else None)
-            model_tokens = self._tokens.get(model.name)
-            if model_tokens is None:
-                model_tokens = self._tokens[model.name] = TOKENS.labels(model=model.name)
-            model_tokens.inc(len(ids))
-            return tokenizer_pb2.RenderResponse(token_ids=ids, max_tokens=max_tokens,
-                                                max_model_len=model.max_model_len)
+            self._tokens[model.name].inc(len(ids))
+            return tokenizer_pb2.RenderResponse(token_ids=ids)
 
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: Any) -> tokenizer_pb2.EncodeResponse:
         with observe_call(REQUESTS, SECONDS, "Encode"):
@@ -108,7 +107,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
             model = self._model(request.model)
             definition = tokenizer_pb2.TokenizerDefinition(
                 model=model.name, tokenizer_json=model.tokenizer_json, eos_token_ids=model.eos_token_ids,
-                max_model_len=model.max_model_len, sha256=model.sha256)
+                sha256=model.sha256)
             if model.bos_token_id is not None:
                 definition.bos_token_id = model.bos_token_id
             return definition
@@ -116,8 +115,7 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     async def ListModels(self, request: common_pb2.ListModelsRequest, context: Any) -> common_pb2.ListModelsResponse:
         with observe_call(REQUESTS, SECONDS, "ListModels"):
             return common_pb2.ListModelsResponse(models=[
-                common_pb2.ModelCard(id=m.name, max_model_len=m.max_model_len, owned_by="infermesh",
-                                     created=self.created)
+                common_pb2.ModelCard(id=m.name, owned_by="infermesh", created=self.created)
                 for m in self.registry.models.values()])
 
 

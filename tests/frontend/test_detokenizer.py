@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from infermesh.frontend.detokenizer import TokenizerModel
+from infermesh.frontend.request.detokenizer import TokenizerModel
 
 TEXTS = ["héllo wörld", "日本語のテキスト", "emoji 😀🎉 and 👩‍👩‍👧 family", "Ελληνικά, русский, العربية",
          "math ∑∫√ and € £ ¥", "plain ascii text with spaces", "mixed 中文 English 😀 done\nnew line"]
@@ -15,7 +15,7 @@ TEXTS = ["héllo wörld", "日本語のテキスト", "emoji 😀🎉 and 👩�
 
 @pytest.fixture(scope="module")
 def model(model_dir: Path) -> TokenizerModel:
-    return TokenizerModel(model_dir.name, (model_dir / "tokenizer.json").read_bytes(), [2], 8192)
+    return TokenizerModel(model_dir.name, (model_dir / "tokenizer.json").read_bytes(), [2])
 
 
 def stream(model: TokenizerModel, ids: list[int], sizes: list[int] | None = None) -> list[str]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from infermesh.frontend.app import create_app
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
-from infermesh.frontend.http_app import create_app
-from infermesh.frontend.serving import ServingOptions
+from infermesh.frontend.request.generation import ServingOptions
 
 from tests.harness import free_port
 
@@ -57,9 +57,13 @@ async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
     assert_openai_error(await client.post("/v1/chat/completions", json=big, headers=AUTH), 413)
 
 
-async def test_unreachable_tiers_are_503_not_500(client: httpx.AsyncClient) -> None:
-    err = assert_openai_error(await client.post("/v1/chat/completions", json=CHAT, headers=AUTH), 503)
-    assert "tokenizer" in err["message"]
+async def test_unreachable_tiers_are_503_not_500(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    reply = await client.post("/v1/chat/completions", json=CHAT, headers={**AUTH, "x-request-id": "rid-503"})
+    err = assert_openai_error(reply, 503)
+    # The body says what a client can act on; what failed inside (the tier, its address) is logged instead.
+    assert "tokenizer" not in err["message"] and "127.0.0.1" not in err["message"]
+    assert "rid-503" in err["message"] and err["code"] == "service_unavailable"
+    assert any("tokenizer is unavailable" in r.getMessage() for r in caplog.records)
     reply = await client.get("/health")
     assert reply.status_code == 503 and reply.json()["status"] == "unavailable"
 

@@ -1,21 +1,15 @@
-"""Request validation, conversion to sampling parameters, the error mapping and API keys, in-process."""
+"""Request validation, conversion to sampling parameters and API keys, in-process (the error table has its
+own test: tests/common/test_error_table.py)."""
 
 from __future__ import annotations
 
 import pytest
-from infermesh.common.errors import (
-    DeadlineExceeded,
-    InfermeshError,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    Unauthenticated,
-    Unavailable,
-)
+from infermesh.common.errors import InvalidRequest, Unauthenticated, http_status
+from infermesh.common.limits import check_sampling
 from infermesh.frontend.auth import ApiKeys
-from infermesh.frontend.errors import PayloadTooLarge, error_body, http_status, retry_after_header
-from infermesh.frontend.grpc_api import validate_sampling
-from infermesh.frontend.protocol import ChatCompletionRequest, CompletionRequest, parse
+from infermesh.frontend.chat.protocol import ChatCompletionRequest
+from infermesh.frontend.completions.protocol import CompletionRequest
+from infermesh.frontend.openai.protocol import parse
 from infermesh.v1 import common_pb2
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -41,7 +35,7 @@ def test_invalid_chat_requests_name_the_parameter(body: dict, param: str | None)
     with pytest.raises(InvalidRequest) as info:
         parse(ChatCompletionRequest, body)
     assert info.value.param == param
-    assert http_status(info.value)[0] == 400
+    assert http_status(info.value) == 400
 
 
 def test_body_must_be_an_object() -> None:
@@ -86,33 +80,6 @@ def test_completion_prompts() -> None:
         parse(CompletionRequest, {"model": "m"})
 
 
-@pytest.mark.parametrize("exc,status,kind", [
-    (InvalidRequest("bad", param="n"), 400, "invalid_request_error"),
-    (PayloadTooLarge("big"), 413, "invalid_request_error"),
-    (Unauthenticated("who"), 401, "authentication_error"),
-    (NotFound("no model", param="model"), 404, "not_found_error"),
-    (Overloaded("busy", retry_after=2.2), 429, "rate_limit_error"),
-    (Unavailable("down"), 503, "service_unavailable_error"),
-    (DeadlineExceeded("waited too long in the queue"), 429, "rate_limit_error"),
-    (InfermeshError("bug"), 500, "internal_server_error"),
-    (KeyError("secret detail"), 500, "internal_server_error"),
-])
-def test_error_mapping(exc: BaseException, status: int, kind: str) -> None:
-    assert http_status(exc) == (status, kind)
-    body = error_body(exc)
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["type"] == kind
-    assert "secret detail" not in body["error"]["message"]
-
-
-def test_retry_after_is_whole_seconds_at_least_one() -> None:
-    assert retry_after_header(Overloaded("busy", retry_after=2.2)) == {"retry-after": "3"}
-    assert retry_after_header(Overloaded("busy", retry_after=0.01)) == {"retry-after": "1"}
-    assert retry_after_header(Overloaded("busy")) == {"retry-after": "1"}
-    assert retry_after_header(DeadlineExceeded("waited too long")) == {"retry-after": "1"}
-    assert retry_after_header(InvalidRequest("x")) == {}
-
-
 def test_api_keys() -> None:
     keys = ApiKeys("alice:k-alice, bob:k-bob")
     assert keys.enabled and "k-alice" not in repr(keys)
@@ -128,9 +95,9 @@ def test_api_keys() -> None:
 
 
 def test_grpc_sampling_limits_match_http() -> None:
-    validate_sampling(common_pb2.SamplingParams(temperature=0, top_p=1, n=2, max_tokens=5))
+    check_sampling(common_pb2.SamplingParams(temperature=0, top_p=1, n=2, max_tokens=5))
     for bad in (common_pb2.SamplingParams(temperature=2.5), common_pb2.SamplingParams(top_p=0),
                 common_pb2.SamplingParams(n=99), common_pb2.SamplingParams(max_tokens=0),
                 common_pb2.SamplingParams(temperature=float("nan")), common_pb2.SamplingParams(logprobs=50)):
         with pytest.raises(InvalidRequest):
-            validate_sampling(bad)
+            check_sampling(bad)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from infermesh.frontend.stop import StopMatcher
+from infermesh.frontend.request.stop import StopMatcher
 
 
 def run(stops: list[str], pieces: list[str]) -> tuple[str, list[str], bool]:

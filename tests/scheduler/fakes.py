@@ -21,7 +21,7 @@ class FakeWorker:
     """What a worker holds, and the reports it would send about it."""
 
     def __init__(self, dispatcher: Dispatcher, address: str, *, model: str = "m", max_num_seqs: int = 4,
-                 kv_capacity_tokens: int = 1000, max_model_len: int = 1000) -> None:
+                 kv_capacity_tokens: int = 1000, max_model_len: int = 1000, block_size: int = 16) -> None:
         self.dispatcher = dispatcher
         self.address = address
         self.model = model
@@ -36,7 +36,7 @@ class FakeWorker:
         self.draining = False
         dispatcher.on_info(address, worker_pb2.WorkerInfo(
             worker_id=f"w-{address}", model=model, max_model_len=max_model_len, engine="sim", simulated=True,
-            max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_capacity_tokens, block_size=16))
+            max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_capacity_tokens, block_size=block_size))
         self.report()
 
     def start(self, lease_id: str, tokens: int, seqs: int = 1) -> None:

@@ -6,7 +6,8 @@ import asyncio
 import time
 
 import pytest
-from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, Unavailable
+from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, QueueTimeout, Unavailable
+from infermesh.scheduler import metrics
 from infermesh.scheduler.admission import Ticket
 from infermesh.v1 import common_pb2
 
@@ -85,15 +86,40 @@ async def test_retry_hint_reflects_the_observed_drain_rate() -> None:
     assert w.address == "a:1"
 
 
-async def test_queue_timeout() -> None:
+def rejected(reason: str) -> float:
+    return metrics.REJECTED.labels(reason)._value.get()
+
+
+async def test_queue_timeout_is_overload_with_a_retry_hint() -> None:
+    clock = Clock()
+    d = dispatcher(clock=clock, queue_timeout=0.3)
+    w = FakeWorker(d, "a:1", max_num_seqs=1)
+    lease = (await d.admit(ticket())).lease
+    for _ in range(4):  # a history: one departure from the queue every 0.25 s
+        waiter = asyncio.create_task(d.admit(ticket()))
+        await until(lambda: len(d.models["m"].queue) == 1)
+        clock.now += 0.25
+        d.release(lease.lease_id)
+        lease = (await waiter).lease
+    assert w.address == "a:1"
+    before = rejected("timeout"), rejected("deadline")
+    started = time.monotonic()
+    with pytest.raises(QueueTimeout, match="queue timeout") as info:
+        await d.admit(ticket())
+    assert 0.25 < time.monotonic() - started < 1.5
+    assert isinstance(info.value, Overloaded) and info.value.code.name == "RESOURCE_EXHAUSTED"
+    assert info.value.retry_after == pytest.approx(0.25, rel=0.05)  # its own place (1) at 4 per second
+    assert (rejected("timeout"), rejected("deadline")) == (before[0] + 1, before[1])
+    assert len(d.models["m"].queue) == 0
+
+
+async def test_queue_timeout_without_history_still_hints() -> None:
     d = dispatcher(queue_timeout=0.05)
     FakeWorker(d, "a:1", max_num_seqs=1)
     await d.admit(ticket())
-    started = time.monotonic()
-    with pytest.raises(DeadlineExceeded, match="queue timeout"):
+    with pytest.raises(QueueTimeout) as info:
         await d.admit(ticket())
-    assert 0.04 < time.monotonic() - started < 1.0
-    assert len(d.models["m"].queue) == 0
+    assert info.value.retry_after == pytest.approx(0.05)  # the default hint, capped by the queue timeout
 
 
 async def test_caller_deadline_is_honoured() -> None:
@@ -110,6 +136,36 @@ async def test_caller_deadline_is_honoured() -> None:
     FakeWorker(d2, "a:1")
     with pytest.raises(DeadlineExceeded):
         await d2.admit(ticket(), timeout=-0.1)  # past deadlines are refused even with room
+
+
+async def test_a_queued_ticket_whose_deadline_passes_leaves_the_queue() -> None:
+    d = dispatcher(queue_timeout=30)
+    FakeWorker(d, "a:1", max_num_seqs=1)
+    await d.admit(ticket())
+    patient = asyncio.create_task(d.admit(ticket(tenant="patient")))
+    await until(lambda: len(d.models["m"].queue) == 1)
+    before = rejected("deadline"), rejected("timeout")
+    hurried = asyncio.create_task(d.admit(ticket(tenant="hurried"), timeout=0.1))
+    await until(lambda: len(d.models["m"].queue) == 2)
+    with pytest.raises(DeadlineExceeded, match="deadline passed after"):
+        await asyncio.wait_for(hurried, 1)
+    assert len(d.models["m"].queue) == 1 and not patient.done()  # only the ticket past its deadline left
+    assert (rejected("deadline"), rejected("timeout")) == (before[0] + 1, before[1])
+    patient.cancel()
+    await asyncio.gather(patient, return_exceptions=True)
+    assert len(d.models["m"].queue) == 0
+
+
+async def test_a_deadline_past_on_arrival_is_refused_at_once() -> None:
+    d = dispatcher(queue_timeout=30)
+    FakeWorker(d, "a:1", max_num_seqs=1)
+    await d.admit(ticket())
+    before = rejected("deadline")
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="before it reached"):
+        await d.admit(ticket(), timeout=0.0)
+    assert time.monotonic() - started < 0.05
+    assert rejected("deadline") == before + 1 and len(d.models["m"].queue) == 0
 
 
 async def test_clear_errors_for_unknown_models_missing_workers_and_huge_requests() -> None:

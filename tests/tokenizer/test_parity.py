@@ -41,7 +41,6 @@ def test_chat_render_matches_transformers(index: int, stub, hf_tokenizer, model_
     reply = stub.Render(tokenizer_pb2.RenderRequest(
         model=model_name, messages=[common_pb2.ChatMessage(**m) for m in messages]))
     assert list(reply.token_ids) == expected
-    assert reply.max_tokens == reply.max_model_len - len(expected)
 
     # Decoding the rendered ids gives back the rendered text.
     text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,4 +1,4 @@
-"""A `text/event-stream` response as a plain ASGI app.
+"""Server-sent events: the `text/event-stream` response as a plain ASGI app, and its fixed events.
 
 Starlette's StreamingResponse runs every stream in an anyio task group (one
 task writes, one listens for the client going away). `EventStream` writes from
@@ -9,10 +9,15 @@ only sets `gone` and calls `on_gone` (the body wakes up, sees `gone` and ends).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 
+from infermesh.common.errors import error_body
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # The same headers as StreamingResponse(media_type="text/event-stream", headers=SSE_HEADERS).
@@ -53,3 +58,8 @@ class EventStream:
         finally:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def error_event(exc: BaseException, request_id: str = "") -> bytes:
+    """A stream that failed after it started ends with this event, then `[DONE]`."""
+    return b"data: " + json.dumps(error_body(exc, request_id)).encode() + b"\n\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from infermesh.common.errors import InfermeshError
+from infermesh.common.errors import InternalError
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -18,13 +18,11 @@ from tokenizers.decoders import DecodeStream
 class TokenizerModel:
     """A model's tokenizer for decoding, built from a TokenizerDefinition."""
 
-    def __init__(self, name: str, tokenizer_json: bytes, eos_token_ids: Sequence[int], max_model_len: int,
-                 sha256: str = "") -> None:
+    def __init__(self, name: str, tokenizer_json: bytes, eos_token_ids: Sequence[int], sha256: str = "") -> None:
         self.name = name
         self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_model_len = max_model_len
         self.sha256 = sha256
         self._token_text: dict[int, str] = {}
 
@@ -62,13 +60,13 @@ class Detokenizer:
             try:
                 return step(tok, ids[0]) or ""
             except Exception as exc:
-                raise InfermeshError(f"cannot decode token id {ids[0]}: {exc}") from None
+                raise InternalError(f"cannot decode token id {ids[0]}: {exc}") from None
         parts = []
         for token_id in ids:
             try:
                 piece = step(tok, token_id)
             except Exception as exc:
-                raise InfermeshError(f"cannot decode token id {token_id}: {exc}") from None
+                raise InternalError(f"cannot decode token id {token_id}: {exc}") from None
             if piece:
                 parts.append(piece)
         return "".join(parts)

@@ -1,0 +1,1 @@
+"""The chat completions endpoint: `protocol.py` (request model), `serving.py` (bodies, chunks), `router.py`."""

@@ -1,0 +1,1 @@
+"""The completions endpoint: `protocol.py` (request model), `serving.py` (bodies, chunks), `router.py`."""

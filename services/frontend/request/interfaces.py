@@ -1,0 +1,51 @@
+"""What the request path needs of the other tiers: the interface `infermesh.frontend.backends.Backends`
+implements over gRPC and the unit tests fake in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from infermesh.frontend.request.detokenizer import TokenizerModel
+from infermesh.v1 import scheduler_pb2, tokenizer_pb2, worker_pb2
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model's workers report about it (through the scheduler): the context window and
+    the KV block size; the one source of both for the whole request path."""
+
+    name: str
+    max_model_len: int
+    block_size: int
+
+
+class WorkerCall(Protocol):
+    """A worker's Generate stream, as grpc.aio gives it."""
+
+    async def read(self) -> Any: ...  # a GenerateTokensResponse, or grpc.aio.EOF
+
+    def cancel(self) -> bool: ...
+
+    def cancelled(self) -> bool: ...
+
+
+class RequestBackends(Protocol):
+    async def tokenizer_model(self, model: str) -> TokenizerModel: ...
+
+    async def render(self, request: tokenizer_pb2.RenderRequest) -> tokenizer_pb2.RenderResponse: ...
+
+    async def model_facts(self, model: str) -> ModelFacts | None:
+        """None when no worker serves the model now."""
+        ...
+
+    async def admit(self, request: scheduler_pb2.AdmitRequest, timeout: float | None) -> scheduler_pb2.Lease: ...
+
+    def release(self, lease_id: str, outcome: int) -> None:
+        """Ends a lease in the background (callable from a cancelled task)."""
+        ...
+
+    def generate(self, address: str, request: worker_pb2.GenerateTokensRequest,
+                 metadata: Sequence[tuple[str, str]], timeout: float | None) -> WorkerCall: ...
