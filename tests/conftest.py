@@ -35,5 +35,10 @@ def tokenizer_proc(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     proc.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `kills_real_worker` run last (they end the session's shared real-engine worker)."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_real_worker") is not None)
+
+
 # Fixture modules, one per area, so that each can grow without touching this file.
 pytest_plugins = ["tests.fixtures.worker", "tests.fixtures.scheduler", "tests.fixtures.mesh"]

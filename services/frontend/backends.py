@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from infermesh.common.channels import raw_channel
+from infermesh.common.channels import channel
 from infermesh.common.context import request_metadata
 from infermesh.common.errors import InfermeshError, NotFound, Unavailable, from_rpc_error
 from infermesh.common.server import CHANNEL_OPTIONS
@@ -49,8 +49,8 @@ class Backends:
     def __init__(self, tokenizer_address: str, scheduler_address: str) -> None:
         # Channels without interceptors (a client interceptor costs a task per call): each call
         # passes the request id as metadata itself.
-        self.tokenizer_channel = raw_channel(tokenizer_address)
-        self.scheduler_channel = raw_channel(scheduler_address)
+        self.tokenizer_channel = channel(tokenizer_address)
+        self.scheduler_channel = channel(scheduler_address)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self.tokenizer_channel)
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self.scheduler_channel)
         self._workers: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
@@ -66,7 +66,7 @@ class Backends:
         if entry is None:
             # No interceptors on the token path (they cost a task per streamed message); the caller
             # passes the request id as metadata itself.
-            ch = raw_channel(address, CHANNEL_OPTIONS)
+            ch = channel(address, CHANNEL_OPTIONS)
             entry = (ch, worker_pb2_grpc.WorkerStub(ch))
             self._workers[address] = entry
         return entry[1]
@@ -92,8 +92,7 @@ class Backends:
             except grpc.RpcError as err:
                 raise rpc_error(err, "tokenizer") from None
             built = await asyncio.to_thread(
-                TokenizerModel, definition.model, definition.tokenizer_json, list(definition.eos_token_ids),
-                definition.sha256)
+                TokenizerModel, definition.model, definition.tokenizer_json, list(definition.eos_token_ids))
             self._models[model] = built
             logger.info("loaded the tokenizer of %s (vocabulary %d)", model, built.vocab_size)
             return built

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,9 +365,6 @@ class Dispatcher:
         if expired:
             logger.info("%d leases expired unclaimed", len(expired))
         return len(expired)
-
-    def model_names(self) -> Iterable[str]:
-        return self._by_model.keys()
 
     def pending_leases(self, address: str) -> int:
         w = self.workers.get(address)

@@ -26,7 +26,8 @@ class SchedulerConfig(ServiceConfig):
     dns_interval: float = option(5.0, "Seconds between DNS re-resolutions.")
     policy: str = option("prefix_affinity", "Routing policy.", choices=POLICIES)
     max_queue: int = option(128, "Requests that may wait per model; more are refused (RESOURCE_EXHAUSTED).")
-    queue_timeout: float = option(30.0, "Seconds a request may wait for a worker (then RESOURCE_EXHAUSTED with retry-after).")
+    queue_timeout: float = option(30.0, "Seconds a request may wait for a worker (then RESOURCE_EXHAUSTED, "
+                                  "retry-after).")
     lease_ttl: float = option(10.0, "Seconds a lease lives if its worker never reports it started.")
     ttft_slo: float = option(0.0, "Time-to-first-token SLO in seconds (0: none). A request waits for a worker at most "
                              "--ttft-slo-queue-share of it (and never past --queue-timeout), then is refused "

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Sequence
 
 import grpc
-from infermesh.common.channels import raw_channel
+from infermesh.common.channels import channel
 from infermesh.scheduler.dispatcher import Dispatcher
 from infermesh.v1 import worker_pb2, worker_pb2_grpc
 
@@ -87,7 +87,7 @@ class WorkerWatch:
     async def _watch_once(self) -> None:
         # No request-id interceptor: this control stream belongs to no request, and an intercepted
         # stream pays for a task and a queue hop on every report read.
-        async with raw_channel(self.address) as ch:
+        async with channel(self.address) as ch:
             stub = worker_pb2_grpc.WorkerStub(ch)
             info = await stub.Info(worker_pb2.InfoRequest(), timeout=max(1.0, self.stale_after))
             self.dispatcher.on_info(self.address, info)

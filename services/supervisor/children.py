@@ -106,17 +106,6 @@ class Child:
         except subprocess.TimeoutExpired:
             pass
 
-    def group_alive(self) -> bool:
-        """True while any process of the child's group is left."""
-        if self.proc is None:
-            return False
-        self.proc.poll()
-        try:
-            os.killpg(self.proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-
     def log_tail(self, lines: int = 20) -> str:
         try:
             with open(self.log_path, "rb") as f:

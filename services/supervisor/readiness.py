@@ -35,12 +35,6 @@ def grpc_serving(address: str) -> Check:
     return lambda: grpc_status(address) == health_pb2.HealthCheckResponse.SERVING
 
 
-def grpc_answers(address: str) -> Check:
-    """Up and answering health checks, SERVING or not (a service that waits
-    for its peers before it says SERVING)."""
-    return lambda: grpc_status(address) is not None
-
-
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     try:
         with _OPENER.open(url, timeout=timeout) as response:

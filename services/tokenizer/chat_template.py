@@ -58,7 +58,6 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
-        self.source = source
         self.template = env.from_string(source)
         self.special_tokens = dict(special_tokens)
 

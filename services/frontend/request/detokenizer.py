@@ -18,12 +18,11 @@ from tokenizers.decoders import DecodeStream
 class TokenizerModel:
     """A model's tokenizer for decoding, built from a TokenizerDefinition."""
 
-    def __init__(self, name: str, tokenizer_json: bytes, eos_token_ids: Sequence[int], sha256: str = "") -> None:
+    def __init__(self, name: str, tokenizer_json: bytes, eos_token_ids: Sequence[int]) -> None:
         self.name = name
         self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.sha256 = sha256
         self._token_text: dict[int, str] = {}
 
     def detokenizer(self, skip_special_tokens: bool = True) -> Detokenizer:

@@ -1,8 +1,8 @@
 """Scenario 1 on the real engine: kill -9 of the session's real-engine worker under streams.
 
-The directory sorts after every other test directory, so this runs after every other test of
-the session's one real worker (`real_worker`): it is the last to use it, and it kills it. A
-simulated worker serving the same model survives, and every stream must end whole.
+It is marked `kills_real_worker`, which the suite's collection hook (tests/conftest.py) runs after
+every other test: it is the last to use the session's one real worker (`real_worker`), and it kills
+it. A simulated worker serving the same model survives, and every stream must end whole.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ STREAMS = 6
 MAX_TOKENS = 40
 
 @pytest.mark.engine
+@pytest.mark.kills_real_worker
 async def test_kill_9_of_the_real_engine_worker_loses_no_stream(real_worker: WorkerHandle, tokenizer_proc: Any,
                                                                 model_dir: Path, tmp_path: Path, report) -> None:
     survivor = start_sim_worker(tmp_path, model_dir, sim_ttft_ms=5, sim_itl_ms=10)
