@@ -1,6 +1,7 @@
 # make up    — set up (venv, packages, protobuf code, default model) and run the mesh
 # make test  — set up and run the whole test suite
 # make soak  — the 5-minute soak of mixed load (tests/reliability/test_soak.py)
+# make lint, make typecheck — ruff and mypy (strict), both part of `make test`
 # Both are idempotent and take seconds when nothing changed.
 
 SHELL      := /bin/bash
@@ -16,12 +17,12 @@ VENV_STAMP := $(VENV)/.installed-$(EXTRA)
 ARGS       ?=
 PYTEST_ARGS ?=
 
-.PHONY: up test soak setup proto model bench lint clean deps
+.PHONY: up test soak setup proto model bench lint typecheck clean deps
 
 up: setup model
 	$(BIN)/infermesh up $(ARGS)
 
-test: setup model deps
+test: setup model deps lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 soak: setup model
@@ -46,6 +47,12 @@ bench: setup model
 
 lint: setup
 	$(BIN)/ruff check services tests bench
+
+# mypy, strict, over the package `infermesh` (the services/ tree, reached through a symlink:
+# mypy does not follow setuptools' editable-install finder) with the generated stubs.
+typecheck: setup
+	@mkdir -p build/typecheck && ln -sfn ../../services build/typecheck/infermesh
+	$(BIN)/mypy
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -23,8 +23,9 @@ MAX_REQUEST_ID_LENGTH = 128
 
 
 def valid_request_id(request_id: str | None) -> bool:
-    return bool(request_id) and len(request_id) <= MAX_REQUEST_ID_LENGTH and all(
-        "!" <= c <= "~" for c in request_id)
+    if not request_id:
+        return False
+    return len(request_id) <= MAX_REQUEST_ID_LENGTH and all("!" <= c <= "~" for c in request_id)
 
 
 def set_request_id(request_id: str | None) -> contextvars.Token[str]:

@@ -99,15 +99,17 @@ class Backends:
 
     async def render(self, request: tokenizer_pb2.RenderRequest) -> tokenizer_pb2.RenderResponse:
         try:
-            return await self.tokenizer.Render(request, timeout=RENDER_TIMEOUT,
-                                               metadata=request_metadata(request.context.request_id))
+            reply: tokenizer_pb2.RenderResponse = await self.tokenizer.Render(
+                request, timeout=RENDER_TIMEOUT, metadata=request_metadata(request.context.request_id))
+            return reply
         except grpc.RpcError as err:
             raise rpc_error(err, "tokenizer") from None
 
     async def admit(self, request: scheduler_pb2.AdmitRequest, timeout: float | None) -> scheduler_pb2.Lease:
         try:
-            return await self.scheduler.Admit(request, timeout=timeout,
-                                              metadata=request_metadata(request.context.request_id))
+            lease: scheduler_pb2.Lease = await self.scheduler.Admit(
+                request, timeout=timeout, metadata=request_metadata(request.context.request_id))
+            return lease
         except grpc.RpcError as err:
             exc = rpc_error(err, "scheduler")
             if isinstance(exc, NotFound):
@@ -118,10 +120,11 @@ class Backends:
     def release(self, lease_id: str, outcome: int) -> None:
         """Ends a lease in the background (also from a cancelled task)."""
         metadata = request_metadata()
+        request = scheduler_pb2.ReleaseRequest(lease_id=lease_id, outcome=scheduler_pb2.LeaseOutcome.ValueType(outcome))
 
         async def call() -> None:
             try:
-                await self.scheduler.Release(scheduler_pb2.ReleaseRequest(lease_id=lease_id, outcome=outcome),
+                await self.scheduler.Release(request,
                                              timeout=CONTROL_TIMEOUT, metadata=metadata)
             except grpc.RpcError as err:
                 logger.warning("release of lease %s failed: %s", lease_id, err.code().name)

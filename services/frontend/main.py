@@ -81,7 +81,7 @@ class _HttpServer:
 
     @property
     def port(self) -> int:
-        return self.server.servers[0].sockets[0].getsockname()[1]
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         self.server.should_exit = True

@@ -10,7 +10,7 @@ iterator aborts the request in the engine. `load` is cheap and synchronous
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 
@@ -92,7 +92,7 @@ class Engine(abc.ABC):
         """Loads the model; returns when the engine can take requests."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta, None]:
         """Streams deltas; aborts the request when the iterator is closed early."""
 
     @abc.abstractmethod

@@ -26,9 +26,10 @@ import json
 import logging
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from infermesh.common.errors import EngineDead
 from infermesh.gpu_worker.engine import (
@@ -73,7 +74,7 @@ def read_vocab(model_dir: Path | None) -> SimVocab:
     if model_dir is None or not (model_dir / "tokenizer.json").is_file():
         return SimVocab(32_000, 8192, [2], list(range(1000, 9000)))
     tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab: dict[str, int] = tok.get("model", {}).get("vocab", {}) or {}
+    vocab: Any = tok.get("model", {}).get("vocab", {}) or {}
     if isinstance(vocab, list):  # unigram models: [[piece, score], ...]
         vocab = {piece: i for i, (piece, _score) in enumerate(vocab)}
     special = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
@@ -155,7 +156,7 @@ class SimEngine(Engine):
         async with self._slot_freed:
             self._slot_freed.notify_all()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta, None]:
         if self._dead:
             raise EngineDead("the simulated engine has failed")
         seq = _Seq(request)
@@ -221,7 +222,7 @@ class SimEngine(Engine):
             ids.append(tid)
             if logprobs is not None:
                 lp = -((h >> 8) % 3000) / 1000.0
-                top = [(tid, lp)] + [(words[(h + k * 7919) % len(words)], lp - k) for k in range(1, req.logprobs)]
+                top = [(tid, lp)] + [(words[(h + k * 7919) % len(words)], lp - k) for k in range(1, req.logprobs or 0)]
                 logprobs.append(TokenLogprobs(tid, lp, top[:req.logprobs]))
             generated = req.resumed_tokens + pos + 1
             if tid in req.stop_token_ids and generated > req.min_tokens:

@@ -19,7 +19,7 @@ from typing import Any
 
 from infermesh.v1 import common_pb2
 
-PRIORITY_NAMES = {common_pb2.PRIORITY_CRITICAL: "critical", common_pb2.PRIORITY_HIGH: "high",
+PRIORITY_NAMES: dict[int, str] = {common_pb2.PRIORITY_CRITICAL: "critical", common_pb2.PRIORITY_HIGH: "high",
                   common_pb2.PRIORITY_NORMAL: "normal", common_pb2.PRIORITY_LOW: "low"}
 LEVELS = tuple(sorted(PRIORITY_NAMES))
 

@@ -256,7 +256,8 @@ class Dispatcher:
             future.cancel()
             raise
         if future.done():
-            return future.result()  # a grant, or the error that settled it
+            grant: Grant = future.result()  # a grant, or the error that settled it
+            return grant
         if timeout is not None and timeout < limit:
             reason = "deadline"
         elif budget is not None and budget < self.limits.queue_timeout:

@@ -11,6 +11,7 @@ reason must be listed, so that its series exists from start) and counts it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from infermesh.common.metrics import LATENCY_BUCKETS
 from infermesh.scheduler.admission import PRIORITY_NAMES
@@ -69,7 +70,7 @@ WORKER_HIT_RATE = Gauge("infermesh_scheduler_worker_prefix_cache_hit_rate",
 
 _WORKER_GAUGES = (WORKER_STATE, WORKER_RUNNING, WORKER_WAITING, WORKER_COMMITTED, WORKER_FREE_SEQS,
                   WORKER_FREE_TOKENS, WORKER_PENDING, WORKER_KV_USAGE, WORKER_HIT_RATE)
-_worker_children: dict[tuple[str, str], tuple] = {}
+_worker_children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
 
 def observe_worker(worker: WorkerCapacity) -> None:
@@ -91,7 +92,7 @@ def observe_worker(worker: WorkerCapacity) -> None:
         hit_rate.set(worker.report.prefix_cache_hit_rate)
 
 
-def child(metric, *labels: str):
+def child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, looked up once per label set (the hot paths call it per request).
 
     A label value not declared above is logged as an error (once) and counted all the same.
@@ -108,7 +109,7 @@ def child(metric, *labels: str):
 _children: dict[tuple[int, tuple[str, ...]], object] = {}
 
 
-def declared(metric, labels: tuple[str, ...]) -> bool:
+def declared(metric: Any, labels: tuple[str, ...]) -> bool:
     if metric is REJECTED:
         return labels[0] in REJECT_REASONS
     if metric is LEASES_ENDED:

@@ -63,7 +63,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                           context: Any) -> scheduler_pb2.ListWorkersResponse:
         out = []
         for w in sorted(self.dispatcher.workers.values(), key=lambda w: w.address):
-            status = scheduler_pb2.WorkerStatus(worker_id=w.worker_id, address=w.address, state=int(w.state),
+            state = scheduler_pb2.WorkerState.ValueType(w.state)
+            status = scheduler_pb2.WorkerStatus(worker_id=w.worker_id, address=w.address, state=state,
                                                 model=w.model, pending_leases=len(w.pending))
             if w.report is not None:
                 status.load.CopyFrom(w.report)

@@ -44,7 +44,7 @@ class WorkerWatch:
         self.backoff = backoff
         self.attempted = asyncio.Event()  # the first connection attempt is over
         self.task: asyncio.Task[None] | None = None
-        self.stopped = False
+        self.stopping = asyncio.Event()
         self._reported = False
         self._call: grpc.aio.UnaryStreamCall | None = None
 
@@ -52,18 +52,18 @@ class WorkerWatch:
         self.task = asyncio.create_task(self.run(), name=f"watch {self.address}")
 
     async def stop(self) -> None:
-        self.stopped = True
+        self.stopping.set()
         if self._call is not None:
             self._call.cancel()  # ends a pending read at once
         if self.task is not None:
             self.task.cancel()
-            # gRPC may report the cancellation as a CANCELLED RpcError; `stopped` ends the loop then.
+            # gRPC may report the cancellation as a CANCELLED RpcError; `stopping` ends the loop then.
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self.task, 2.0)
 
     async def run(self) -> None:
         delay = self.backoff[0]
-        while not self.stopped:
+        while not self.stopping.is_set():
             self._reported = False
             try:
                 await self._watch_once()
@@ -71,7 +71,7 @@ class WorkerWatch:
             except asyncio.CancelledError:
                 raise
             except grpc.RpcError as exc:
-                if self.stopped:
+                if self.stopping.is_set():
                     return
                 reason = f"{exc.code().name if hasattr(exc, 'code') else 'error'}"
             except TimeoutError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -84,7 +84,7 @@ class SlowEngine(Engine):
     async def start(self) -> None:
         return None
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta, None]:
         self.running.add(request.request_id)
         try:
             for _ in range(request.max_tokens):

@@ -8,7 +8,7 @@ values (`Delta`, `Usage`, `Result` from the output buffer), never a live request
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from typing import Any
 
 from infermesh.frontend.request.detokenizer import TokenizerModel

@@ -48,7 +48,8 @@ class PreparedRequest:
         return None if self.deadline is None else self.deadline - time.time()
 
     def context(self) -> common_pb2.RequestContext:
-        ctx = common_pb2.RequestContext(request_id=self.request_id, tenant=self.tenant, priority=self.priority)
+        ctx = common_pb2.RequestContext(request_id=self.request_id, tenant=self.tenant,
+                                       priority=common_pb2.Priority.ValueType(self.priority))
         if self.deadline is not None:
             ctx.deadline.FromNanoseconds(int(self.deadline * 1e9))
         return ctx
@@ -74,7 +75,8 @@ async def prepare(backends: RequestBackends, *, request_id: str, model: str, sam
         check_vocab(prompt_ids, tokenizer.vocab_size, "prompt")
         ids = list(prompt_ids)
     else:
-        context = common_pb2.RequestContext(request_id=request_id, tenant=tenant, priority=priority)
+        context = common_pb2.RequestContext(request_id=request_id, tenant=tenant,
+                                            priority=common_pb2.Priority.ValueType(priority))
         render = tokenizer_pb2.RenderRequest(model=model, messages=messages, context=context,
                                              add_generation_prompt=add_generation_prompt)
         if prompt is not None:
