@@ -174,3 +174,21 @@ async def test_a_worker_deadline_error_fails_the_request_without_retrying(fake: 
     assert isinstance(gen.output.error, DeadlineExceeded) and len(fake.admitted) == 1
     assert gen.output.error.grpc_code is grpc.StatusCode.DEADLINE_EXCEEDED
     await gen.close()
+
+
+async def test_prefix_hashes_use_the_workers_block_size_and_the_model_salt(fake: FakeBackends) -> None:
+    from infermesh.common.prefix import block_hashes, cache_salt
+    from infermesh.frontend.request.interfaces import ModelFacts
+
+    prompt = " ".join(f"word{i}" for i in range(200))
+    ids = fake.encode(prompt)
+    for block in (16, 32):
+        fake.facts["m"] = ModelFacts("m", 4096, block)
+        fake.admissions.append("w1")
+        fake.script("w1", tokens(fake.encode(" ok"), finish="stop"))
+        gen = await start(fake, prompt=prompt, max_tokens=4)
+        await drain(gen.output)
+        await gen.close()
+        sent = list(fake.admitted[-1].prefix_hashes)
+        assert sent == block_hashes(ids, block, cache_salt("m")) and len(sent) == len(ids) // block
+    assert block_hashes(ids, 32, cache_salt("m")) != block_hashes(ids, 32, cache_salt("other"))
