@@ -1,9 +1,13 @@
-"""Request-scoped context: the request id that every log line carries."""
+"""Request-scoped context: the request id that every log line carries, and the caller's deadline."""
 
 from __future__ import annotations
 
 import contextvars
+import time
 import uuid
+from typing import Any
+
+from infermesh.common.errors import InvalidRequest
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -39,3 +43,18 @@ def request_metadata(request_id: str | None = None) -> tuple[tuple[str, str], ..
     if not rid or rid == "-":
         return ()
     return ((REQUEST_ID_HEADER, rid),)
+
+
+def deadline_of(context: Any) -> float | None:
+    """A `RequestContext`'s deadline in unix seconds (None: none); InvalidRequest when it is no valid time."""
+    if not context.HasField("deadline"):
+        return None
+    try:
+        return float(context.deadline.ToNanoseconds()) / 1e9
+    except ValueError as exc:  # nanos out of range and the like
+        raise InvalidRequest(f"context.deadline is not a valid time: {exc}", param="context.deadline") from None
+
+
+def seconds_left(deadline: float, now: float | None = None) -> float:
+    """Seconds until an absolute deadline (negative once it has passed), by the wall clock."""
+    return deadline - (time.time() if now is None else now)

@@ -1,7 +1,7 @@
 """The caller's deadline on the worker: one timer per request that stops it in the engine.
 
 `RequestContext.deadline` is absolute unix time, so the worker reads it
-against its wall clock (`seconds_left`). While a request generates, one
+against its wall clock (`infermesh.common.context.deadline_of`, `seconds_left`). While a request generates, one
 `DeadlineTimer` (a single `loop.call_at`, no polling, nothing per token)
 waits for it: when it fires, the request is aborted in the engine (which frees
 its KV cache and ends the stream with "abort" deltas) and the servicer ends
@@ -15,18 +15,10 @@ writing a reply at that moment).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 # How long the engine has to end an aborted request's stream before the call's task is cancelled.
 ABORT_GRACE = 0.5
-
-
-def seconds_left(deadline: Timestamp, now: float | None = None) -> float:
-    """Seconds until an absolute deadline (negative once it has passed), by the wall clock."""
-    return deadline.ToNanoseconds() / 1e9 - (time.time() if now is None else now)
 
 
 class DeadlineTimer:

@@ -8,10 +8,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from infermesh.common.context import current_request_id
+from infermesh.common.context import current_request_id, deadline_of, seconds_left
 from infermesh.common.errors import DeadlineExceeded, EngineDead, InfermeshError, NotFound, Unavailable
 from infermesh.gpu_worker import metrics
-from infermesh.gpu_worker.deadlines import DeadlineTimer, seconds_left
+from infermesh.gpu_worker.deadlines import DeadlineTimer
 from infermesh.gpu_worker.engine import Delta, Engine
 from infermesh.gpu_worker.load import LoadTracker
 from infermesh.gpu_worker.validation import build_request
@@ -57,13 +57,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                         param="model"))
         caller_id = request.context.request_id or current_request_id()
         req = build_request(request, self.info, f"{caller_id}-{uuid.uuid4().hex[:8]}")
-        left: float | None = None
-        if request.context.HasField("deadline"):
-            left = seconds_left(request.context.deadline)
-            if left <= 0:
-                metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
-                raise self._refuse(DeadlineExceeded(f"the request's deadline passed {-left:.3g}s before it "
-                                                    "reached the worker"))
+        deadline = deadline_of(request.context)
+        left = None if deadline is None else seconds_left(deadline)
+        if left is not None and left <= 0:
+            metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
+            raise self._refuse(DeadlineExceeded(f"the request's deadline passed {-left:.3g}s before it "
+                                                "reached the worker"))
         try:
             held = self.tracker.hold(req, caller_id, request.lease_id)
         except InfermeshError as exc:

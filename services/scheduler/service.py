@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from infermesh.common.context import deadline_of, seconds_left
 from infermesh.common.errors import InvalidRequest
 from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.capacity import State
@@ -18,8 +19,9 @@ _MAX_TOKENS = 1 << 24
 def caller_timeout(request: scheduler_pb2.AdmitRequest, context: Any) -> float | None:
     """Seconds left before the caller's deadline (RequestContext.deadline or the gRPC deadline)."""
     left = []
-    if request.context.HasField("deadline"):
-        left.append(request.context.deadline.ToNanoseconds() / 1e9 - time.time())
+    deadline = deadline_of(request.context)
+    if deadline is not None:
+        left.append(seconds_left(deadline))
     remaining = context.time_remaining() if context is not None else None
     if remaining is not None:
         left.append(remaining - 0.005)  # answer before the transport gives up

@@ -10,12 +10,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from infermesh.common.errors import DeadlineExceeded
+from infermesh.common.context import deadline_of, seconds_left
+from infermesh.common.errors import DeadlineExceeded, InvalidRequest
 from infermesh.gpu_worker import metrics
-from infermesh.gpu_worker.deadlines import DeadlineTimer, seconds_left
+from infermesh.gpu_worker.deadlines import DeadlineTimer
 from infermesh.gpu_worker.engine import Delta, Engine, EngineInfo, EngineLoad, GenerateRequest
 from infermesh.gpu_worker.service import WorkerService
-from infermesh.v1 import worker_pb2
+from infermesh.v1 import common_pb2, worker_pb2
 
 from tests.gpu_worker.helpers import eventually, metric, metrics_text, request, stub
 
@@ -41,9 +42,23 @@ def expired_count(text: str) -> float:
 # ---- the timer ----------------------------------------------------------------------------------
 
 def test_seconds_left_reads_the_wall_clock() -> None:
-    assert seconds_left(at(1000.5), now=1000.0) == pytest.approx(0.5)
-    assert seconds_left(at(1000.0), now=1000.25) == pytest.approx(-0.25)
-    assert 9 < seconds_left(at(time.time() + 10)) <= 10
+    ctx = common_pb2.RequestContext()
+    ctx.deadline.CopyFrom(at(1000.5))
+    deadline = deadline_of(ctx)
+    assert deadline is not None and seconds_left(deadline, now=1000.0) == pytest.approx(0.5)
+    assert deadline_of(common_pb2.RequestContext()) is None
+
+
+def test_a_deadline_that_is_no_valid_time_is_the_callers_mistake() -> None:
+    ctx = common_pb2.RequestContext()
+    ctx.deadline.nanos = -2 ** 31  # what a fuzzer sent; protobuf refuses to read it as a time
+    with pytest.raises(InvalidRequest, match="not a valid time"):
+        deadline_of(ctx)
+
+
+def test_seconds_left_goes_negative_once_passed() -> None:
+    assert seconds_left(1000.0, now=1000.25) == pytest.approx(-0.25)
+    assert 9 < seconds_left(time.time() + 10) <= 10
 
 
 async def test_the_timer_fires_once_at_the_deadline_and_not_after_cancel() -> None:
