@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 # sub-command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-model": ("infermesh.common.prepare_cli", "Prepare models by name (default: the default model; --list, --all; idempotent)."),
+    "prepare-model": ("infermesh.common.prepare_cli", "Prepare models by name (default: the default one; --list)."),
     "tokenizer": ("infermesh.tokenizer.main", "Run the tokenizer service."),
     "frontend": ("infermesh.frontend.main", "Run the frontend (OpenAI HTTP API and gRPC API)."),
     "up": ("infermesh.supervisor.main", "Run the whole mesh on this machine (what `make up` runs)."),
