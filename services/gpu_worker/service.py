@@ -133,7 +133,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kv_capacity_tokens=self.info.kv_capacity_tokens, max_num_seqs=self.info.max_num_seqs,
             committed_tokens=t.committed_tokens, prefix_cache_hit_rate=load.prefix_cache_hit_rate,
             draining=t.draining, leases_started=started, leases_finished=finished,
-            leases_active=t.leases_active(), max_model_len=self.info.max_model_len)
+            leases_active=t.leases_active(), max_model_len=self.info.max_model_len, block_size=self.info.block_size)
 
     async def WatchLoad(self, request: worker_pb2.WatchLoadRequest,
                         context: Any) -> AsyncIterator[worker_pb2.LoadReport]:

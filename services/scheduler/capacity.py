@@ -38,7 +38,7 @@ class WorkerCapacity:
     max_num_seqs: int = 0
     kv_capacity_tokens: int = 0
     max_model_len: int = 0
-    block_size: int = 16
+    block_size: int = 0  # the engine's KV block size (0: not reported yet)
     simulated: bool = False
     running: int = 0
     waiting: int = 0
@@ -151,6 +151,8 @@ class WorkerCapacity:
             self.kv_capacity_tokens = report.kv_capacity_tokens
         if report.max_model_len:
             self.max_model_len = report.max_model_len
+        if report.block_size:
+            self.block_size = report.block_size
         self.running = report.running
         self.waiting = report.waiting
         self.committed_tokens = report.committed_tokens

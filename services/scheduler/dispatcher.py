@@ -104,16 +104,21 @@ class Dispatcher:
         w = self.worker(address)
         w.apply_info(info.worker_id, info.model, info.max_num_seqs, info.kv_capacity_tokens,
                      info.max_model_len, info.block_size, info.simulated)
+        self._learn_model(w)
+
+    def _learn_model(self, w: WorkerCapacity) -> None:
+        """What the model's workers say of it (context window, KV block size), from their Info and from
+        every load report: an engine that was still starting at Info time reports them once it has."""
         m = self._model(w.model)
         m.max_model_len = max(m.max_model_len, w.max_model_len)
         m.simulated = m.simulated or w.simulated
-        if info.block_size and not m.block_size:
-            m.block_size = info.block_size
-        elif info.block_size and info.block_size != m.block_size and not m.block_size_warned:
+        if w.block_size and not m.block_size:
+            m.block_size = w.block_size
+        elif w.block_size and w.block_size != m.block_size and not m.block_size_warned:
             m.block_size_warned = True
             logger.warning("worker %s (%s) of %r reports KV block size %d, the model's first worker %d: prefix "
-                           "hashes keep %d (reported once per model)", w.name, address, w.model,
-                           info.block_size, m.block_size, m.block_size)
+                           "hashes keep %d (reported once per model)", w.name, w.address, w.model,
+                           w.block_size, m.block_size, m.block_size)
 
     def on_report(self, address: str, report: Any) -> None:
         w = self.worker(address)
@@ -125,7 +130,7 @@ class Dispatcher:
             if self.leases.pop(lease_id) is not None:
                 metrics.child(metrics.LEASES_ENDED, "finished").inc()
         if w.model:
-            self._model(w.model)
+            self._learn_model(w)
         if w.state is not before:
             self._reindex()
             logger.info("worker %s (%s) is %s", w.name, address, w.state.name.lower())

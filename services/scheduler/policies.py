@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Protocol
 
-from infermesh.common.prefix import PrefixLRU
+from infermesh.common.prefix import DEFAULT_BLOCK_SIZE, PrefixLRU
 from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.capacity import WorkerCapacity
 
@@ -80,7 +80,7 @@ class PrefixAffinity:
     def _index(self, worker: WorkerCapacity) -> PrefixLRU:
         index = self._indexes.get(worker.address)
         if index is None:
-            blocks = self.index_blocks or worker.kv_capacity_tokens // max(1, worker.block_size)
+            blocks = self.index_blocks or worker.kv_capacity_tokens // (worker.block_size or DEFAULT_BLOCK_SIZE)
             index = self._indexes[worker.address] = PrefixLRU(max(1, blocks))
         return index
 

@@ -192,3 +192,12 @@ async def test_prefix_hashes_use_the_workers_block_size_and_the_model_salt(fake:
         sent = list(fake.admitted[-1].prefix_hashes)
         assert sent == block_hashes(ids, block, cache_salt("m")) and len(sent) == len(ids) // block
     assert block_hashes(ids, 32, cache_salt("m")) != block_hashes(ids, 32, cache_salt("other"))
+
+
+async def test_a_model_whose_workers_have_not_reported_a_window_is_unavailable_not_a_bad_request(
+        fake: FakeBackends) -> None:
+    from infermesh.frontend.request.interfaces import ModelFacts
+
+    fake.facts["m"] = ModelFacts("m", 0, 0)  # an engine still starting
+    with pytest.raises(Unavailable, match="context window"):
+        await start(fake, max_tokens=4)

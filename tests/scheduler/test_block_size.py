@@ -1,4 +1,5 @@
-"""The KV block size workers report: recorded per model from their Info, listed in ListModels."""
+"""The KV block size and context window workers report: recorded per model from their Info and load reports,
+listed in ListModels."""
 
 from __future__ import annotations
 
@@ -37,3 +38,20 @@ def test_a_worker_reporting_no_block_size_leaves_it_unset() -> None:
     assert d.models["m"].block_size == 0  # the frontend falls back to DEFAULT_BLOCK_SIZE
     FakeWorker(d, "b:1", block_size=32)
     assert d.models["m"].block_size == 32
+
+
+async def test_a_worker_whose_engine_was_still_starting_at_info_time_is_learned_from_its_reports() -> None:
+    # A vLLM worker answers Info while its engine loads (window and block size 0); `infermesh up` starts
+    # the scheduler before the engines are ready. The model's card must follow the later reports.
+    from infermesh.v1 import worker_pb2
+
+    d = dispatcher()
+    d.on_info("a:1", worker_pb2.WorkerInfo(worker_id="w-a", model="m", engine="vllm"))
+    d.on_report("a:1", worker_pb2.LoadReport(worker_id="w-a", model="m", seq=1))
+    service = SchedulerService(d)
+    card = (await service.ListModels(common_pb2.ListModelsRequest(), None)).models[0]
+    assert (card.max_model_len, card.block_size) == (0, 0)
+    d.on_report("a:1", worker_pb2.LoadReport(worker_id="w-a", model="m", seq=2, max_model_len=8192, block_size=128,
+                                             max_num_seqs=64, kv_capacity_tokens=100_000))
+    card = (await service.ListModels(common_pb2.ListModelsRequest(), None)).models[0]
+    assert (card.max_model_len, card.block_size) == (8192, 128)

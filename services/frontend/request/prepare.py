@@ -86,9 +86,11 @@ async def prepare(backends: RequestBackends, *, request_id: str, model: str, sam
         ids = list(rendered.token_ids)
     check_vocab(list(sampling.stop_token_ids), tokenizer.vocab_size, "stop_token_ids")
     facts = await backends.model_facts(model)
-    if facts is None:
-        # The tokenizer knows the model (it rendered the prompt): no worker serving it is an outage.
-        raise Unavailable(f"no worker serves model {model!r} now")
+    if facts is None or not facts.max_model_len:
+        # The tokenizer knows the model (it rendered the prompt): no worker serving it (or none that has
+        # said its context window yet: an engine still starting) is an outage, not the caller's mistake.
+        raise Unavailable(f"no worker serves model {model!r} now" if facts is None else
+                          f"the workers of {model!r} have not reported their context window yet")
     names = params or {}
     budget = check_context(len(ids), sampling.max_tokens if sampling.HasField("max_tokens") else None,
                            facts.max_model_len, min_tokens=sampling.min_tokens,
