@@ -154,7 +154,7 @@ class Backends:
         time), and a model not among them is looked up again soon (its first worker may be new).
         """
         facts = self._facts.get(model)
-        if facts is None:
+        if facts is None or not facts.max_model_len:  # not served, or its engines still starting
             if self._cards is None or time.monotonic() - self._cards[0] >= MISSING_MODEL_TTL:
                 await self.model_cards(fresh=True)
             return self._facts.get(model)

@@ -76,6 +76,8 @@ class WorkerConfig(ServiceConfig):
     sim_itl_ms: float = option(20.0, "sim: inter-token latency in ms.")
     sim_kv_capacity_tokens: int = option(1_048_576, "sim: KV cache capacity in tokens.")
     sim_fail_after_tokens: int = option(0, "sim: the engine dies after this many tokens (failure tests; 0: never).")
+    sim_start_ms: float = option(0.0, "sim: how long the engine takes to start; until then, as vLLM's, it reports no "
+                                 "window, capacity or block size.")
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -83,7 +85,7 @@ class WorkerConfig(ServiceConfig):
                      "sim_fail_after_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
-        for name in ("kv_cache_gb", "sim_ttft_ms", "sim_prompt_token_ms", "sim_itl_ms"):
+        for name in ("kv_cache_gb", "sim_ttft_ms", "sim_prompt_token_ms", "sim_itl_ms", "sim_start_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         problems.extend(cpu_problems(self.cpus, self.engine_cpus))
@@ -147,7 +149,7 @@ def build_engine(config: WorkerConfig) -> Engine:
                              itl_ms=config.sim_itl_ms, max_num_seqs=config.max_num_seqs or 256,
                              kv_capacity_tokens=config.sim_kv_capacity_tokens,
                              block_size=config.block_size or 16, max_model_len=config.max_model_len,
-                             fail_after_tokens=config.sim_fail_after_tokens)
+                             fail_after_tokens=config.sim_fail_after_tokens, start_ms=config.sim_start_ms)
         return SimEngine(name, path if path.is_dir() else None, options)
     from infermesh.gpu_worker.vllm_engine import VllmEngine, VllmOptions
 

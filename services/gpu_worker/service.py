@@ -39,6 +39,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.tracker.max_num_seqs = self.info.max_num_seqs
         self.tracker.kv_capacity_tokens = self.info.kv_capacity_tokens
         self.ready = True
+        self.tracker.wake_all()  # every scheduler hears of the window and capacity at once
 
     def _refuse(self, exc: InfermeshError) -> InfermeshError:
         metrics.REFUSED.labels(model_name=self.info.model, code=exc.code.name).inc()

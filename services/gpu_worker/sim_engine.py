@@ -59,6 +59,9 @@ class SimOptions:
     max_model_len: int = 0  # 0: the model's own (or 8192 without a model directory)
     # Failure injection: the engine dies after generating this many tokens in all (0: never).
     fail_after_tokens: int = 0
+    # Start-up: like vLLM's, the engine knows its window, capacity and block size only once it has
+    # started, which takes this long (a mesh whose workers are still loading).
+    start_ms: float = 0.0
 
 
 @dataclass
@@ -105,11 +108,14 @@ class SimEngine(Engine):
         self.options = options
         self.vocab = read_vocab(model_dir)
         window = options.max_model_len or self.vocab.max_model_len
-        self.info = EngineInfo(engine="sim", model=model, max_model_len=window,
-                               vocab_size=self.vocab.vocab_size, max_num_seqs=options.max_num_seqs,
-                               kv_capacity_tokens=options.kv_capacity_tokens,
-                               block_size=options.block_size, eos_token_ids=self.vocab.eos_token_ids,
-                               simulated=True, version="sim")
+        self._started_info = EngineInfo(engine="sim", model=model, max_model_len=window,
+                                        vocab_size=self.vocab.vocab_size, max_num_seqs=options.max_num_seqs,
+                                        kv_capacity_tokens=options.kv_capacity_tokens,
+                                        block_size=options.block_size, eos_token_ids=self.vocab.eos_token_ids,
+                                        simulated=True, version="sim")
+        self.info = self._started_info if not options.start_ms else EngineInfo(
+            engine="sim", model=model, max_model_len=0, vocab_size=0, max_num_seqs=0, kv_capacity_tokens=0,
+            block_size=0, simulated=True, version="sim")
         self.cache = PrefixCache(options.kv_capacity_tokens // options.block_size,
                                  block_size=options.block_size)
         self._seqs: dict[str, _Seq] = {}
@@ -120,6 +126,9 @@ class SimEngine(Engine):
         self._dead = False
 
     async def start(self) -> None:
+        if self.options.start_ms:
+            await asyncio.sleep(self.options.start_ms / 1000)
+            self.info = self._started_info
         logger.info("simulated engine: ttft %.0f ms + %.3f ms/prompt token, itl %.0f ms, %d seqs, "
                     "%d KV tokens", self.options.ttft_ms, self.options.prompt_token_ms,
                     self.options.itl_ms, self.options.max_num_seqs, self.options.kv_capacity_tokens)

@@ -157,7 +157,8 @@ class WorkerCapacity:
         self.waiting = report.waiting
         self.committed_tokens = report.committed_tokens
         self.held_seqs = max(report.running + report.waiting, len(report.leases_active))
-        self.state = State.DRAINING if report.draining else State.READY
+        # A worker whose engine is still starting reports no capacity yet: it is not ready for requests.
+        self.state = State.DRAINING if report.draining else State.READY if report.max_num_seqs else State.CONNECTING
         self.refused = False
         if self.replica:
             self._count_replicas(report.leases_active, now)

@@ -49,9 +49,11 @@ async def test_a_worker_whose_engine_was_still_starting_at_info_time_is_learned_
     d.on_info("a:1", worker_pb2.WorkerInfo(worker_id="w-a", model="m", engine="vllm"))
     d.on_report("a:1", worker_pb2.LoadReport(worker_id="w-a", model="m", seq=1))
     service = SchedulerService(d)
-    card = (await service.ListModels(common_pb2.ListModelsRequest(), None)).models[0]
-    assert (card.max_model_len, card.block_size) == (0, 0)
+    # Still starting (no capacity reported): not ready, so its model is not listed as served yet.
+    assert d.workers["a:1"].state.name == "CONNECTING"
+    assert list((await service.ListModels(common_pb2.ListModelsRequest(), None)).models) == []
     d.on_report("a:1", worker_pb2.LoadReport(worker_id="w-a", model="m", seq=2, max_model_len=8192, block_size=128,
                                              max_num_seqs=64, kv_capacity_tokens=100_000))
+    assert d.workers["a:1"].state.name == "READY"
     card = (await service.ListModels(common_pb2.ListModelsRequest(), None)).models[0]
     assert (card.max_model_len, card.block_size) == (8192, 128)
