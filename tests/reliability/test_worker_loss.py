@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 
 import httpx
@@ -19,7 +20,7 @@ from tests.reliability.helpers import stream_ok
 
 STREAMS = 200
 MAX_TOKENS = 80
-ITL_MS = 15  # ~1.2 s per stream
+ITL_MS = 25  # ~2 s per stream: the kill lands while the victim streams even on a loaded machine
 
 
 @pytest.mark.parametrize("run", [1, 2, 3])
@@ -45,11 +46,14 @@ async def test_kill_9_of_a_worker_under_200_streams(sim_mesh_factory, report, ru
             assert time.monotonic() < deadline, "the victim never got a request"
             await asyncio.sleep(0.01)
         target = metric_value(text, "vllm:generation_tokens_total") + rng.randint(1, int(holding * MAX_TOKENS * 0.4))
-        while metric_value(await asyncio.to_thread(scrape, victim.metrics_port),
+        while metric_value(text := await asyncio.to_thread(scrape, victim.metrics_port),
                            "vllm:generation_tokens_total") < target:
             assert time.monotonic() < deadline, "the victim stopped making progress"
             await asyncio.sleep(0.01)
-        running = metric_value(await asyncio.to_thread(scrape, victim.metrics_port), "vllm:num_requests_running")
+        # Frozen at once, then killed: what it was running at that scrape is what the kill interrupts
+        # (a second scrape would give it time to finish more streams).
+        running = metric_value(text, "vllm:num_requests_running")
+        victim.signal(signal.SIGSTOP)
         victim.kill()
         killed_at = time.monotonic() - started
         results = await asyncio.gather(*streams)
