@@ -90,6 +90,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 yield _to_proto(delta, prompt_tokens)
         except asyncio.CancelledError:
             if timer is None or not timer.forced:
+                if deadline is not None and seconds_left(deadline) <= 0:
+                    # The caller's gRPC deadline (the same one) cancelled the call first: count it all the same.
+                    metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
                 raise
             # The engine did not end the stream after the deadline's abort: the timer cancelled us.
             task = asyncio.current_task()
