@@ -70,14 +70,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             while not output.done:
                 await output.wait()
-                for d in output.take():
-                    usage = output.usage()
+                deltas = output.take()
+                if not deltas:
+                    continue
+                u = output.usage()  # the counts so far: the same for every delta of one take
+                usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                         total_tokens=u.total_tokens, cached_tokens=u.cached_tokens)
+                for d in deltas:
                     yield inference_pb2.GenerateResponse(
                         id=request_id, index=d.index, text=d.text, token_ids=d.token_ids,
-                        finish_reason=d.finish_reason, logprobs=d.logprobs, model=request.model,
-                        usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
-                                               completion_tokens=usage.completion_tokens,
-                                               total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens))
+                        finish_reason=d.finish_reason, logprobs=d.logprobs, model=request.model, usage=usage)
             if output.error is not None:
                 code = output.error.code.name
                 raise output.error

@@ -13,13 +13,12 @@ from pathlib import Path
 from infermesh.common.model_prep import MANIFEST, is_complete
 
 from tests.common.conftest import prepare_model_cli
+from tests.harness import greedy_chat_answer
 
 NAME = "Qwen2.5-Coder-0.5B-Instruct"
 
 
 def test_qwen_is_joined_checked_converted_and_answers(tmp_path: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         result = prepare_model_cli(tmp_path, NAME, "--print-path")
@@ -40,13 +39,6 @@ def test_qwen_is_joined_checked_converted_and_answers(tmp_path: Path) -> None:
         assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
         assert (directory / "chat_template.jinja").is_file()
 
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                               tokenize=True, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        assert "Paris" in tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert "Paris" in greedy_chat_answer(directory, "What is the capital of France?", max_new_tokens=12)
     finally:
         shutil.rmtree(tmp_path / "models", ignore_errors=True)  # 1.26 GB: not left for pytest's kept tmp dirs
