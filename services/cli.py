@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("infermesh.supervisor.probe", "Check a service's health (for container health checks)."),
     "scheduler": ("infermesh.scheduler.main", "Run the scheduler service (admission and routing)."),
     "worker": ("infermesh.gpu_worker.main", "Run a GPU worker (vLLM engine, or --engine sim)."),
+    "k8s-manifests": ("infermesh.supervisor.kubernetes", "Render a catalog's Kubernetes overlay."),
     "bench": ("infermesh.bench_cli", "Benchmark the mesh against vLLM's own server (from a checkout)."),
 }
 

@@ -48,6 +48,8 @@ class ServiceConfig:
     tls_key: str = option("", "PEM private key of --tls-cert.")
     tls_ca: str = option("", "PEM CA bundle: call other services over TLS, trusting this CA.")
     tls_client_auth: bool = option(False, "Mutual TLS: require clients to present a certificate signed by --tls-ca.")
+    catalog: str = option("", "The model catalog (YAML; docs/catalog.md): what the mesh serves. Empty: the default "
+                          "model alone.")
 
     def validate(self) -> list[str]:
         """Problems with the values; subclasses extend the list."""
@@ -62,7 +64,7 @@ class ServiceConfig:
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_auth and not (self.tls_ca and self.tls_cert):
             problems.append("tls_client_auth needs tls_ca (to check clients) and tls_cert/tls_key")
-        for name in ("tls_cert", "tls_key", "tls_ca"):
+        for name in ("tls_cert", "tls_key", "tls_ca", "catalog"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 problems.append(f"{name}: no such file {path!r}")

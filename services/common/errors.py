@@ -9,6 +9,11 @@ know about it:
 - `retry_elsewhere`: whether the mesh may send the request to another worker
   when a worker answers with it (a refusal before the first token, or a
   failure mid-stream that migrates the request);
+- `fall_back`: whether the next model of a fallback chain may take the request
+  when its model fails with it before the first token (the catalog's chains);
+- `cools_down`: whether the failure counts towards its model's cooldown (a
+  model that failed often is skipped for a while): failures of the model, not
+  its load or the request;
 - `public_message`: for server-side failures (5xx), the only text a client
   sees; the real message is logged with the request id instead.
 
@@ -35,6 +40,8 @@ class InfermeshError(Exception):
     openai_type: ClassVar[str] = "internal_server_error"
     openai_code: ClassVar[str] = "internal_error"
     retry_elsewhere: ClassVar[bool] = True
+    fall_back: ClassVar[bool] = True
+    cools_down: ClassVar[bool] = True
     public_message: ClassVar[str] = "The server had an error while processing the request."
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
@@ -59,6 +66,20 @@ class InvalidRequest(InfermeshError):
     openai_type = "invalid_request_error"
     openai_code = "invalid_request"
     retry_elsewhere = False
+    fall_back = False
+    cools_down = False
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (plus `max_tokens`) does not fit the model's context window (HTTP 400); a fallback chain's
+    next model with a larger window may hold it."""
+
+    openai_code = "context_length_exceeded"
+    fall_back = True
+
+    def __init__(self, message: str, *, param: str | None = None, prompt_tokens: int = 0) -> None:
+        super().__init__(message, param=param)
+        self.prompt_tokens = prompt_tokens  # the prompt's tokens, for a route's rules (0: not known)
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -76,6 +97,8 @@ class Unauthenticated(InfermeshError):
     openai_type = "authentication_error"
     openai_code = "invalid_api_key"
     retry_elsewhere = False
+    fall_back = False
+    cools_down = False
 
 
 class PermissionDenied(InfermeshError):
@@ -86,6 +109,8 @@ class PermissionDenied(InfermeshError):
     openai_type = "permission_error"
     openai_code = "permission_denied"
     retry_elsewhere = False
+    fall_back = False
+    cools_down = False
 
 
 class NotFound(InfermeshError):
@@ -96,6 +121,8 @@ class NotFound(InfermeshError):
     openai_type = "not_found_error"
     openai_code = "model_not_found"
     retry_elsewhere = False
+    fall_back = False
+    cools_down = False
 
 
 class RouteNotFound(NotFound):
@@ -112,6 +139,8 @@ class MethodNotAllowed(InfermeshError):
     openai_type = "invalid_request_error"
     openai_code = "method_not_allowed"
     retry_elsewhere = False
+    fall_back = False
+    cools_down = False
 
 
 class Overloaded(InfermeshError):
@@ -125,6 +154,7 @@ class Overloaded(InfermeshError):
     openai_type = "rate_limit_error"
     openai_code = "overloaded"
     retry_elsewhere = True
+    cools_down = False  # load, not a failure of the model
 
     def __init__(self, message: str, *, retry_after: float | None = None, param: str | None = None) -> None:
         super().__init__(message, param=param)
@@ -145,6 +175,8 @@ class DeadlineExceeded(InfermeshError):
     openai_type = "timeout_error"
     openai_code = "deadline_exceeded"
     retry_elsewhere = False
+    fall_back = False
+    cools_down = False
     public_message = "The request's deadline passed before it finished."
 
 
@@ -175,13 +207,15 @@ class Cancelled(InfermeshError):
     openai_type = "cancelled"
     openai_code = "cancelled"
     retry_elsewhere = True
+    cools_down = False
     public_message = "The request was cancelled."
 
 
 # Every error class: the table the mappings and their test walk.
 ERRORS: tuple[type[InfermeshError], ...] = (
-    InternalError, InvalidRequest, PayloadTooLarge, Unauthenticated, PermissionDenied, NotFound, RouteNotFound,
-    MethodNotAllowed, Overloaded, QueueTimeout, DeadlineExceeded, Unavailable, EngineDead, Cancelled,
+    InternalError, InvalidRequest, ContextLengthExceeded, PayloadTooLarge, Unauthenticated, PermissionDenied,
+    NotFound, RouteNotFound, MethodNotAllowed, Overloaded, QueueTimeout, DeadlineExceeded, Unavailable, EngineDead,
+    Cancelled,
 )
 
 # A gRPC status from another service, back to a class: the class whose code it is (the most

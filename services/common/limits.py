@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from infermesh.common.errors import InvalidRequest
+from infermesh.common.errors import ContextLengthExceeded, InvalidRequest
 
 UINT32 = 2 ** 32 - 1
 INT32 = 2 ** 31 - 1
@@ -125,20 +125,20 @@ def check_context(prompt_tokens: int, max_tokens: int | None, window: int, *, ge
     context = prompt_tokens + generated
     if max_tokens is not None:
         if prompt_tokens + max_tokens > window:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"This model's maximum context length is {window} tokens. However, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                 f"completion). Please reduce the length of the prompt or {param}.",
-                param=param if prompt_tokens < window else prompt_param)
+                param=param if prompt_tokens < window else prompt_param, prompt_tokens=prompt_tokens)
         if max_tokens <= generated:
             raise InvalidRequest(f"{param} ({max_tokens}) counts the {generated} generated_ids (tokens "
                                  "generated before a resume) and must exceed them", param=param)
         budget = max_tokens - generated
     else:
         if context >= window:
-            raise InvalidRequest(f"This model's maximum context length is {window} tokens. However, the prompt "
+            raise ContextLengthExceeded(f"This model's maximum context length is {window} tokens. However, the prompt "
                                  f"has {context} tokens. Please reduce the length of the prompt.",
-                                 param=prompt_param)
+                                 param=prompt_param, prompt_tokens=prompt_tokens)
         budget = window - context
     if min_tokens > generated + budget:
         raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed the tokens that fit "
@@ -149,3 +149,58 @@ def check_context(prompt_tokens: int, max_tokens: int | None, window: int, *, ge
 def fits_context(prompt_tokens: int, max_tokens: int, window: int) -> bool:
     """True when `prompt_tokens + max_tokens` fit the window (0: unknown, anything fits)."""
     return not window or prompt_tokens + max_tokens <= window
+
+
+# ---- embeddings (POST /v1/embeddings, gRPC Embed, the worker's Embed) ---------------------------
+
+MAX_EMBED_INPUTS = 2048  # inputs per request (OpenAI's bound)
+MAX_EMBED_TOKENS = 300_000  # tokens of all the inputs of one request together (OpenAI's bound)
+EMBED_ENCODINGS = ("float", "base64")
+TRUNCATION_SIDES = ("right", "left")  # right: keep the first tokens; left: keep the last
+
+
+def check_embed_count(count: int, param: str = "input") -> None:
+    """At least one input, at most MAX_EMBED_INPUTS."""
+    if count == 0:
+        raise InvalidRequest(f"{param} must not be empty", param=param)
+    if count > MAX_EMBED_INPUTS:
+        raise InvalidRequest(f"{param} may hold at most {MAX_EMBED_INPUTS} inputs, got {count}", param=param)
+
+
+def check_embed_dimensions(dimensions: int, model_dim: int) -> None:
+    """`dimensions` (0: not given) must be the model's own: the mesh truncates no vector (no Matryoshka)."""
+    if dimensions and model_dim and dimensions != model_dim:
+        raise InvalidRequest(f"dimensions must be the model's own ({model_dim}): it does not support Matryoshka "
+                             f"embeddings of other sizes, got {dimensions}", param="dimensions")
+
+
+def embed_truncation(truncate: int | None, window: int) -> int | None:
+    """The tokens kept of each input under vLLM's `truncate_prompt_tokens` (-1: the window); None: no truncation."""
+    if truncate is None:
+        return None
+    if truncate == -1:
+        return window
+    if truncate < 1:
+        raise InvalidRequest(f"truncate_prompt_tokens must be -1 (the context window) or at least 1, got {truncate}",
+                             param="truncate_prompt_tokens")
+    if truncate > window:
+        raise InvalidRequest(f"truncate_prompt_tokens ({truncate}) cannot be greater than the model's maximum "
+                             f"context length ({window})", param="truncate_prompt_tokens")
+    return truncate
+
+
+def check_embed_inputs(lengths: list[int], window: int, param: str = "input") -> int:
+    """Every input between 1 token and the window, all of them within MAX_EMBED_TOKENS; returns their sum."""
+    for i, n in enumerate(lengths):
+        which = param if len(lengths) == 1 else f"{param}[{i}]"
+        if n == 0:
+            raise InvalidRequest(f"{which} must not be empty", param=param)
+        if n > window:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens. However, {which} has {n} tokens. "
+                "Please reduce the length of the input, or set truncate_prompt_tokens.", param=param, prompt_tokens=n)
+    total = sum(lengths)
+    if total > MAX_EMBED_TOKENS:
+        raise InvalidRequest(f"the inputs have {total} tokens together; a request may have at most "
+                             f"{MAX_EMBED_TOKENS}", param=param)
+    return total

@@ -32,6 +32,7 @@ from infermesh.frontend.completions import router as completions
 from infermesh.frontend.drain import IMMEDIATE_FAIL_HEADER, Drain
 from infermesh.frontend.models import router as models
 from infermesh.frontend.request.generation import ServingOptions
+from infermesh.frontend.request.targets import ModelTargets
 from infermesh.frontend.routes import ApiContext, Route
 from infermesh.frontend.system import router as system
 from starlette.requests import Request
@@ -113,7 +114,7 @@ class HttpApp:
 
 
 def create_app(backends: Any, keys: ApiKeys, options: ServingOptions, max_body_bytes: int,
-               drain: Drain | None = None) -> HttpApp:
-    ctx = ApiContext(backends, keys, options, max_body_bytes, drain or Drain())
+               drain: Drain | None = None, targets: ModelTargets | None = None) -> HttpApp:
+    ctx = ApiContext(backends, keys, options, max_body_bytes, drain or Drain(), targets=targets or ModelTargets())
     ctx.routes = [route for family in FAMILIES for route in family.routes(ctx)]
     return HttpApp(ctx.routes, ctx.drain)

@@ -12,12 +12,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from infermesh.common.catalog import TIER_HEADER, TIERS, RequestFacts
 from infermesh.common.context import current_request_id, new_request_id, set_request_id
 from infermesh.common.errors import InfermeshError, InvalidRequest
 from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
+from infermesh.frontend.models.listing import model_list
 from infermesh.frontend.request.generation import ServingOptions, start_generation
+from infermesh.frontend.request.targets import ModelTargets
 from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -33,11 +36,24 @@ def _deadline(context: Any) -> float | None:
     return None if remaining is None else time.time() + remaining
 
 
+def _route_facts(request: inference_pb2.GenerateRequest, context: Any) -> RequestFacts:
+    """What a catalog route's rules read of a call (its tier from the `x-infermesh-tier` metadata)."""
+    tier = next((str(v) for k, v in context.invocation_metadata() or () if k == TIER_HEADER), None)
+    if tier is not None and tier not in TIERS:
+        raise InvalidRequest(f"the {TIER_HEADER} metadata must be one of {', '.join(TIERS)}", param=TIER_HEADER)
+    users = [m.content for m in request.messages if m.role == "user"]
+    if request.HasField("prompt"):
+        users.append(request.prompt)
+    return RequestFacts(turns=len(users), text="\n".join(users), tier=tier)
+
+
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, backends: Backends, keys: ApiKeys, options: ServingOptions) -> None:
+    def __init__(self, backends: Backends, keys: ApiKeys, options: ServingOptions,
+                 targets: ModelTargets | None = None) -> None:
         self.backends = backends
         self.keys = keys
         self.options = options
+        self.targets = targets or ModelTargets()
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: Any) -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -60,7 +76,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             gen = await start_generation(
                 self.backends, self.options, request_id=request_id, model=request.model, sampling=request.sampling,
                 tenant=tenant, priority=int(request.priority), messages=request.messages,
-                prompt=request.prompt if has_prompt else None, deadline=_deadline(context))
+                prompt=request.prompt if has_prompt else None, deadline=_deadline(context), targets=self.targets,
+                facts=_route_facts(request, context))
         except InfermeshError as exc:
             metrics.GRPC_REQUESTS.labels(method="Generate", code=exc.code.name).inc()
             raise
@@ -79,7 +96,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 for d in deltas:
                     yield inference_pb2.GenerateResponse(
                         id=request_id, index=d.index, text=d.text, token_ids=d.token_ids,
-                        finish_reason=d.finish_reason, logprobs=d.logprobs, model=request.model, usage=usage)
+                        finish_reason=d.finish_reason, logprobs=d.logprobs, model=gen.model, usage=usage)
             if output.error is not None:
                 code = output.error.code.name
                 raise output.error
@@ -94,4 +111,4 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def ListModels(self, request: common_pb2.ListModelsRequest, context: Any) -> common_pb2.ListModelsResponse:
         self.keys.tenant(_authorization(context))
-        return common_pb2.ListModelsResponse(models=await self.backends.model_cards())
+        return common_pb2.ListModelsResponse(models=model_list(self.targets.catalog, await self.backends.model_cards()))

@@ -7,11 +7,15 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from infermesh.common.config import ServiceConfig, option
 from infermesh.common.limits import MAX_BODY_BYTES
 from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
+
+if TYPE_CHECKING:
+    from infermesh.common.catalog import CatalogHolder
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +93,22 @@ class _HttpServer:
             await self.task
 
 
+def open_catalog(path: str) -> CatalogHolder | None:
+    """The running catalog (None without one: names are taken as the workers serve them); its metrics at zero,
+    again after each reload. An invalid file stops the start with its problems."""
+    if not path:
+        return None
+    from infermesh.common.catalog import CatalogHolder
+    from infermesh.frontend import metrics
+
+    holder = CatalogHolder.open(path)
+    metrics.precreate_catalog(holder.current)
+    holder.add_listener(metrics.precreate_catalog)
+    logger.info("catalog %s: %d models, %d routes, %d fallback chains", path, len(holder.current.models),
+                len(holder.current.routes), len(holder.current.chains))
+    return holder
+
+
 async def serve(config: FrontendConfig) -> None:
     from infermesh.common.channels import configure_tls
     from infermesh.frontend.app import create_app
@@ -97,15 +117,17 @@ async def serve(config: FrontendConfig) -> None:
     from infermesh.frontend.drain import Drain
     from infermesh.frontend.grpc_api import InferenceService
     from infermesh.frontend.request.generation import ServingOptions
+    from infermesh.frontend.request.targets import ModelTargets
     from infermesh.v1 import inference_pb2, inference_pb2_grpc
 
     configure_tls(config)  # the channels to the tokenizer, scheduler and workers
+    targets = ModelTargets(open_catalog(config.catalog))
     keys = ApiKeys(config.api_keys)
     backends = Backends(config.tokenizer, config.scheduler)
     options = ServingOptions(keepalive=config.keepalive, first_event_wait=config.first_event_wait,
                              admit_timeout=config.admit_timeout or None)
     drain = Drain()
-    http = _HttpServer(create_app(backends, keys, options, config.max_body_bytes, drain), config)
+    http = _HttpServer(create_app(backends, keys, options, config.max_body_bytes, drain, targets), config)
 
     async def on_drain() -> None:
         drain.start()
@@ -115,19 +137,25 @@ async def serve(config: FrontendConfig) -> None:
         await http.stop()
 
     name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-    service = InferenceService(backends, keys, options)
+    service = InferenceService(backends, keys, options, targets)
     server = GrpcServer("frontend", config, [(inference_pb2_grpc.add_InferenceServicer_to_server, service, name)],
                         on_drain=on_drain, public=True)
 
     async def ready() -> None:
+        if targets.holder is not None and targets.holder.path is not None:
+            targets.holder.install_sighup()
+            watching.append(targets.holder.start_watch())
         await http.start()
         for model in config.preload_model:
             await backends.tokenizer_model(model)
         logger.info("HTTP on %s:%d (api keys: %s)", config.host, http.port, "on" if keys.enabled else "off")
 
+    watching: list[asyncio.Task[None]] = []
     try:
         await server.serve(ready=ready)
     finally:
+        for task in watching:
+            task.cancel()
         await http.stop()
         await backends.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from infermesh.common.catalog import Catalog
 from infermesh.common.metrics import LATENCY_BUCKETS
 from infermesh.v1 import inference_pb2
 from prometheus_client import Counter, Gauge, Histogram
@@ -31,6 +32,21 @@ TOKENS_OUT = Counter("infermesh_generation_tokens_total", "Generated tokens stre
 ACTIVE_STREAMS = Gauge("infermesh_active_streams", "Requests generating right now.", ["api"])
 RETRIES = Counter("infermesh_frontend_worker_retries_total",
                   "Worker calls retried or migrated to another worker, by failure.", ["reason"])
+# The catalog's routes, fallbacks and cooldowns (precreated per catalog by `precreate_catalog`).
+ROUTE_DECISIONS = Counter("infermesh_frontend_route_decisions_total",
+                          "Requests for a route, by the model its rules picked.", ["route", "target"])
+SERVED = Counter("infermesh_frontend_model_requests_total",
+                 "Generation requests by the model asked for (a name, alias or route) and the model that served.",
+                 ["requested", "served"])
+FALLBACKS = Counter("infermesh_frontend_fallbacks_total",
+                    "Requests a model could not take before their first token, sent to the next model of its chain.",
+                    ["from_model", "to_model", "reason"])
+COOLDOWNS = Counter("infermesh_frontend_model_cooldowns_total", "Times a model entered cooldown.", ["model"])
+COOLING = Gauge("infermesh_frontend_model_cooling", "1 while a model is in cooldown (skipped, or probed).", ["model"])
+COOLDOWN_PROBES = Counter("infermesh_frontend_model_cooldown_probes_total",
+                          "Requests let through to a model in cooldown to probe it.", ["model"])
+FALLBACK_REASONS = ("overloaded", "unavailable", "failed", "context_length", "cooldown")
+
 # The labelled children used on every request (a `labels()` lookup takes a lock and hashes the labels).
 ACTIVE_HTTP = ACTIVE_STREAMS.labels(api="http")
 ACTIVE_GRPC = ACTIVE_STREAMS.labels(api="grpc")
@@ -44,3 +60,17 @@ def precreate(routes: Iterable[str]) -> None:
         GRPC_REQUESTS.labels(method=method, code="OK")
     for reason in RETRY_REASONS:
         RETRIES.labels(reason=reason)
+
+
+def precreate_catalog(catalog: Catalog) -> None:
+    """The catalog's series at zero: each route's targets, each chain's steps, each model's cooldown."""
+    for route in catalog.routes:
+        for target in route.targets:
+            ROUTE_DECISIONS.labels(route=route.name, target=catalog.resolve(target).name)
+    for model in catalog.models:
+        COOLDOWNS.labels(model=model.name)
+        COOLING.labels(model=model.name)
+        COOLDOWN_PROBES.labels(model=model.name)
+        for fallback in catalog.fallbacks(model.name)[:1]:
+            for reason in FALLBACK_REASONS:
+                FALLBACKS.labels(from_model=model.name, to_model=fallback.name, reason=reason)

@@ -17,6 +17,7 @@ from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.drain import Drain
 from infermesh.frontend.request.generation import ServingOptions
 from infermesh.frontend.request.interfaces import RequestBackends
+from infermesh.frontend.request.targets import ModelTargets
 from starlette.requests import Request
 
 Handler = Callable[[Request], Awaitable[Any]]  # returns an ASGI response (Starlette's, or an EventStream)
@@ -43,6 +44,7 @@ class ApiContext:
     max_body_bytes: int
     drain: Drain
     routes: list[Route] = field(default_factory=list)  # every route of the app, once collected
+    targets: ModelTargets = field(default_factory=ModelTargets)  # the catalog's names (aliases, routes, chains)
 
     @property
     def request_backends(self) -> RequestBackends:

@@ -40,6 +40,8 @@ class WorkerCapacity:
     max_model_len: int = 0
     block_size: int = 0  # the engine's KV block size (0: not reported yet)
     simulated: bool = False
+    task: str = "generate"  # or "embed": its requests hold one sequence and their input tokens each
+    embedding_dim: int = 0  # an embed worker's vector length (0: not reported yet)
     running: int = 0
     waiting: int = 0
     held_seqs: int = 0  # running + waiting, or the leases active if the engine lags behind them
@@ -131,8 +133,11 @@ class WorkerCapacity:
         return True
 
     def apply_info(self, worker_id: str, model: str, max_num_seqs: int, kv_capacity_tokens: int,
-                   max_model_len: int, block_size: int, simulated: bool) -> None:
+                   max_model_len: int, block_size: int, simulated: bool, task: str = "",
+                   embedding_dim: int = 0) -> None:
         self.worker_id = worker_id or self.worker_id
+        self.task = task or self.task
+        self.embedding_dim = embedding_dim or self.embedding_dim
         self.model = model or self.model
         self.max_num_seqs = max_num_seqs or self.max_num_seqs
         self.kv_capacity_tokens = kv_capacity_tokens or self.kv_capacity_tokens
@@ -153,6 +158,8 @@ class WorkerCapacity:
             self.max_model_len = report.max_model_len
         if report.block_size:
             self.block_size = report.block_size
+        if report.embedding_dim:
+            self.embedding_dim = report.embedding_dim
         self.running = report.running
         self.waiting = report.waiting
         self.committed_tokens = report.committed_tokens

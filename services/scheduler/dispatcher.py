@@ -60,6 +60,8 @@ class ModelInfo:
     simulated: bool = False
     block_size: int = 0  # KV block size in tokens, from the first worker that reported one (0: none yet)
     block_size_warned: bool = False
+    task: str = "generate"  # what its workers say it does: "generate" or "embed"
+    embedding_dim: int = 0  # an embed model's vector length, from its workers (0: none yet)
     queue: FairQueue = field(default_factory=FairQueue)
     drain: DrainRate = field(default_factory=DrainRate)
     service: ServiceRate = field(default_factory=ServiceRate)
@@ -86,6 +88,11 @@ class Dispatcher:
             w = self.workers[address] = WorkerCapacity(address, replica=self.leases.prefix)
         return w
 
+    def expect_model(self, name: str) -> None:
+        """A model the catalog lists: its queue and metrics exist (at zero) before any worker serves it, and a
+        request for it while none does is a 503 (no worker now), not a 404 (no such model)."""
+        self._model(name)
+
     def _model(self, name: str) -> ModelInfo:
         info = self.models.get(name)
         if info is None:
@@ -103,7 +110,7 @@ class Dispatcher:
     def on_info(self, address: str, info: Any) -> None:
         w = self.worker(address)
         w.apply_info(info.worker_id, info.model, info.max_num_seqs, info.kv_capacity_tokens,
-                     info.max_model_len, info.block_size, info.simulated)
+                     info.max_model_len, info.block_size, info.simulated, info.task, info.embedding_dim)
         self._learn_model(w)
 
     def _learn_model(self, w: WorkerCapacity) -> None:
@@ -112,6 +119,8 @@ class Dispatcher:
         m = self._model(w.model)
         m.max_model_len = max(m.max_model_len, w.max_model_len)
         m.simulated = m.simulated or w.simulated
+        m.task = w.task
+        m.embedding_dim = w.embedding_dim or m.embedding_dim
         if w.block_size and not m.block_size:
             m.block_size = w.block_size
         elif w.block_size and w.block_size != m.block_size and not m.block_size_warned:
@@ -191,6 +200,9 @@ class Dispatcher:
             if not any(ticket.seqs <= w.max_num_seqs for w in ready):
                 raise InvalidRequest(f"n ({ticket.seqs} sequences) exceeds what any worker of {ticket.model!r} "
                                      f"can run at once ({max(w.max_num_seqs for w in ready)})", param="n")
+            if self.models[ticket.model].task == "embed":
+                raise InvalidRequest(f"the inputs ({ticket.tokens} tokens) exceed what any worker of "
+                                     f"{ticket.model!r} can hold", param="input")
             what = "prompt plus max_tokens" if ticket.seqs == 1 else f"prompt plus {ticket.seqs} x max_tokens"
             raise InvalidRequest(f"{what} ({ticket.tokens} tokens) exceeds what any worker "
                                  f"of {ticket.model!r} can hold", param="max_tokens")

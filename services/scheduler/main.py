@@ -103,6 +103,11 @@ async def serve(config: SchedulerConfig) -> None:
     limits = Limits(config.max_queue, config.queue_timeout, config.lease_ttl, config.ttft_slo,
                     config.ttft_slo_queue_share)
     dispatcher = Dispatcher(policy, limits, tenant_weights=config.weights())
+    if config.catalog:
+        from infermesh.common.catalog import load_catalog
+
+        for entry in load_catalog(config.catalog).models:
+            dispatcher.expect_model(entry.name)
     pool = WorkerPool(dispatcher, static=config.workers, dns=config.workers_dns, dns_interval=config.dns_interval,
                       watcher=f"scheduler@{socket.gethostname()}:{os.getpid()}",
                       interval_ms=config.report_interval_ms, stale_after=config.stale_after)

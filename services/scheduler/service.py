@@ -28,14 +28,22 @@ def caller_timeout(request: scheduler_pb2.AdmitRequest, context: Any) -> float |
     return min(left) if left else None
 
 
-def ticket_from(request: scheduler_pb2.AdmitRequest) -> Ticket:
+def ticket_from(request: scheduler_pb2.AdmitRequest, task: str = "generate") -> Ticket:
+    """The ticket of an Admit. For an embed model (`task`), the request is a batch of inputs: max_tokens 0,
+    one sequence, prompt_tokens their tokens together (each input's window was checked by the frontend and
+    is checked again by the worker: their sum is no one sequence's length)."""
     if request.prompt_tokens == 0:
         raise InvalidRequest("prompt_tokens must be at least 1", param="prompt_tokens")
     n = request.n or 1
+    embed = task == "embed"
+    if embed and (request.max_tokens or n != 1):
+        raise InvalidRequest(f"the model {request.model!r} serves embeddings only: max_tokens must be 0 and n 1",
+                             param="model")
     tokens = request.prompt_tokens + n * request.max_tokens  # what the worker commits
     if tokens > _MAX_TOKENS:
         raise InvalidRequest("prompt_tokens plus n * max_tokens is implausibly large", param="max_tokens")
-    return Ticket(model=request.model, tokens=tokens, seqs=n, length=request.prompt_tokens + request.max_tokens,
+    length = 1 if embed else request.prompt_tokens + request.max_tokens
+    return Ticket(model=request.model, tokens=tokens, seqs=n, length=length,
                   tenant=request.context.tenant, priority=request.context.priority,
                   prefix_hashes=request.prefix_hashes, exclude=frozenset(request.exclude_workers),
                   request_id=request.context.request_id)
@@ -47,7 +55,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.created = int(time.time())
 
     async def Admit(self, request: scheduler_pb2.AdmitRequest, context: Any) -> scheduler_pb2.Lease:
-        grant = await self.dispatcher.admit(ticket_from(request), caller_timeout(request, context))
+        model = self.dispatcher.models.get(request.model)
+        ticket = ticket_from(request, model.task if model is not None else "generate")
+        grant = await self.dispatcher.admit(ticket, caller_timeout(request, context))
         lease = grant.lease
         expires = Timestamp()
         expires.FromNanoseconds(int((time.time() + lease.expires_at - self.dispatcher.clock()) * 1e9))
@@ -79,5 +89,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         models = [self.dispatcher.models[name] for name in sorted(served) if name in self.dispatcher.models]
         return common_pb2.ListModelsResponse(models=[
             common_pb2.ModelCard(id=m.name, max_model_len=m.max_model_len, simulated=m.simulated,
-                                 owned_by="infermesh", created=self.created, block_size=m.block_size)
+                                 owned_by="infermesh", created=self.created, block_size=m.block_size,
+                                 task=m.task, embedding_dim=m.embedding_dim)
             for m in models])

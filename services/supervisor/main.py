@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from infermesh.common.catalog import Catalog, CatalogError, load_catalog
 from infermesh.common.config import ConfigError, add_arguments, load_config, option
 
 PROG = "infermesh up"
@@ -30,6 +31,8 @@ class UpConfig:
     workers: int = option(1, "Workers (gRPC 50060, 50061, ...; metrics 9110, 9111, ...).")
     frontends: int = option(1, "Frontends (HTTP 8000, 8001, ...; gRPC 50050, then 50053-50059).")
     model: str = option("", "Model directory (default: the default model, prepared on first use).")
+    catalog: str = option("", "The model catalog (docs/catalog.md): its models, each with its own workers and "
+                          "engine options, prepared on first use; every service reads it.")
     policy: str = option("", "The scheduler's routing policy (default: the scheduler's).")
     envoy: bool = option(True, "Run Envoy on the edge port (--no-envoy: clients use a frontend directly).")
     host: str = option("127.0.0.1", "Address every process binds (0.0.0.0 to serve other machines).")
@@ -44,6 +47,9 @@ class UpConfig:
 
     def validate(self) -> list[str]:
         problems = []
+        if self.catalog and (self.model or self.workers != 1):
+            problems.append("--catalog says which models run and how many workers each gets: drop --model and "
+                            "--workers (or the catalog)")
         if self.grace_period < 0:
             problems.append("grace_period must be >= 0")
         if self.start_timeout <= 0:
@@ -70,7 +76,7 @@ def parse(argv: Sequence[str]) -> tuple[UpConfig, list[str]]:
 
 
 # Worker options `infermesh up` sets itself.
-_SET_BY_UP = {"--port", "--metrics-port", "--host", "--model", "--engine", "--worker-id"}
+_SET_BY_UP = {"--port", "--metrics-port", "--host", "--model", "--engine", "--worker-id", "--task", "--catalog"}
 
 
 def check_worker_args(engine: str, args: list[str]) -> str | None:
@@ -116,6 +122,25 @@ def resolve_model(config: UpConfig) -> Path:
     return path
 
 
+def prepare_catalog_models(catalog: Catalog) -> None:
+    """Prepares (once) every model of the catalog that names a prepared model; checks the directories given."""
+    from infermesh.common.model_prep import is_complete, prepare_model
+
+    for m in catalog.models:
+        path = m.weights.path()
+        if not m.weights.prepared:
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"model {m.name}: {path} is not a model directory (no config.json)")
+            continue
+        if is_complete(path):
+            _say(f"model {m.name}: {path}")
+            continue
+        began = time.monotonic()
+        _say(f"preparing {m.name} (once; it is reused afterwards) ...")
+        prepare_model(m.weights.prepared)
+        _say(f"  {m.name} ready: {path} ({time.monotonic() - began:.0f} s)")
+
+
 def _model_name(url: str, fallback: str) -> str:
     from infermesh.supervisor.readiness import _OPENER
 
@@ -147,9 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from infermesh.supervisor.readiness import url_host
     from infermesh.supervisor.supervisor import StartupFailed, Supervisor
 
+    catalog: Catalog | None = None
     try:
         config, worker_args = parse(list(sys.argv[1:] if argv is None else argv))
-        plan = ports.plan(config.workers, config.frontends, config.ports_from)
+        if config.catalog:
+            catalog = load_catalog(config.catalog)
+        workers = sum(m.workers for m in catalog.models) if catalog is not None else config.workers
+        plan = ports.plan(workers, config.frontends, config.ports_from)
+    except CatalogError as exc:
+        return _fail(f"invalid catalog:\n{exc}", 2)
     except (ConfigError, ports.PlanError) as exc:
         return _fail(f"invalid configuration: {exc}", 2)
     problem = check_worker_args(config.engine, worker_args)
@@ -163,14 +194,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         listed = ", ".join(f"{port} ({label})" for label, port in busy)
         return _fail(f"port already in use: {listed}; stop what uses it or move the mesh with --ports-from BASE")
     try:
-        model = resolve_model(config)
+        if catalog is not None:
+            prepare_catalog_models(catalog)
+            model = catalog.models[0].weights.path()
+        else:
+            model = resolve_model(config)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except KeyboardInterrupt:
         return 130
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else infermesh_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    placement = mesh.cpu_plan(config.engine, config.workers, worker_args) if config.cpu_placement else None
+    placement = mesh.cpu_plan(config.engine, workers, worker_args) if config.cpu_placement else None
     if placement is not None:
         _say("CPU placement: " + "; ".join(f"worker-{i} model on cores {cpus.to_text(g)}"
                                            for i, g in enumerate(placement.workers)) +
@@ -180,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                policy=config.policy, worker_args=worker_args,
                                common_args=["--log-level", config.log_level, "--log-format", config.log_format,
                                             "--grace-period", str(config.grace_period)],
-                               placement=placement)
+                               placement=placement, catalog=catalog)
     tiers = builder.tiers(envoy_binary)
     for _, tier in tiers:
         for child in tier:
@@ -189,8 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervisor = Supervisor(tiers, _say, start_timeout=config.start_timeout, grace_period=config.grace_period,
                             hints=hints)
     supervisor.install_signal_handlers()
-    _say(f"engine {config.engine}, {config.workers} worker(s), {config.frontends} frontend(s); "
-         f"logs in {log_dir}")
+    _say(f"engine {config.engine}, {workers} worker(s), {config.frontends} frontend(s); logs in {log_dir}")
+    if catalog is not None:
+        for i, options in enumerate(builder.worker_models()):
+            _say(f"  worker-{i}: {options[1].split('=')[0]}")
     code = 0
     try:
         if supervisor.start_all():

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermesh.common import cpus
+from infermesh.common.catalog import Catalog
 from infermesh.supervisor import envoy_config, readiness
 from infermesh.supervisor.children import Child
 from infermesh.supervisor.ports import PortPlan
@@ -23,8 +24,8 @@ from infermesh.supervisor.ports import PortPlan
 # INFERMESH_* variables the supervisor sets for its children by flags (or
 # that are its own options); the children do not inherit them.
 _OWN_VARIABLES = {"ENGINE", "WORKERS", "FRONTENDS", "MODEL", "POLICY", "ENVOY", "HOST", "PORTS_FROM",
-                  "LOG_DIR", "START_TIMEOUT", "CPU_PLACEMENT", "PORT", "METRICS_PORT", "HTTP_PORT", "TOKENIZER",
-                  "SCHEDULER", "WORKERS_DNS", "LOG_LEVEL", "LOG_FORMAT", "GRACE_PERIOD", "WORKER_ID"}
+                  "LOG_DIR", "START_TIMEOUT", "CPU_PLACEMENT", "CATALOG", "PORT", "METRICS_PORT", "HTTP_PORT",
+                  "TOKENIZER", "SCHEDULER", "WORKERS_DNS", "LOG_LEVEL", "LOG_FORMAT", "GRACE_PERIOD", "WORKER_ID"}
 
 
 def find_envoy() -> Path | None:
@@ -77,7 +78,7 @@ class MeshBuilder:
 
     def __init__(self, plan: PortPlan, *, host: str, log_dir: Path, engine: str, model: Path | None,
                  policy: str, worker_args: Sequence[str], common_args: Sequence[str],
-                 placement: cpus.Plan | None = None) -> None:
+                 placement: cpus.Plan | None = None, catalog: Catalog | None = None) -> None:
         self.plan = plan
         self.host = host
         self.reach = readiness.url_host(host)
@@ -89,6 +90,8 @@ class MeshBuilder:
         self.common = list(common_args)
         self.env = child_env()
         self.placement = placement
+        self.catalog = catalog  # with a catalog: its models' workers, and every service reads the file
+        self.catalog_args = ["--catalog", str(Path(catalog.source).resolve())] if catalog is not None else []
 
     def _on_serving_cores(self, argv: list[str]) -> list[str]:
         serving = self.placement.serving if self.placement else None
@@ -115,7 +118,7 @@ class MeshBuilder:
 
     def tokenizer(self) -> Child:
         p = self.plan
-        model = ["--model", str(self.model)] if self.model else []
+        model = self.catalog_args or (["--model", str(self.model)] if self.model else [])
         return self._service("tokenizer", "tokenizer",
                              ["tokenizer", "--port", str(p.tokenizer), "--metrics-port", str(p.tokenizer_metrics),
                               *model],
@@ -127,23 +130,32 @@ class MeshBuilder:
         policy = ["--policy", self.policy] if self.policy else []
         return self._service("scheduler", "scheduler",
                              ["scheduler", "--port", str(p.scheduler), "--metrics-port", str(p.scheduler_metrics),
-                              "--workers", workers, *policy],
+                              "--workers", workers, *policy, *self.catalog_args],
                              readiness.grpc_serving(self._addr(p.scheduler)), [p.scheduler, p.scheduler_metrics])
 
+    def worker_models(self) -> list[list[str]]:
+        """Each worker's model options: the catalog's models, each `workers` times (`--model NAME=DIR`, its
+        engine options, its task); without a catalog, the one model for every worker."""
+        if self.catalog is None:
+            return [["--model", str(self.model)] if self.model else [] for _ in self.plan.workers]
+        return [["--model", m.spec(), *m.engine.worker_args(), *(["--task", m.task] if m.task != "generate" else [])]
+                for m in self.catalog.models for _ in range(m.workers)]
+
     def workers(self) -> list[Child]:
-        model = ["--model", str(self.model)] if self.model else []
+        # The options passed through to every worker come first: a catalog's engine options for a model win.
         return [self._service(f"worker-{i}", "worker",
                               ["worker", "--engine", self.engine, "--port", str(w.grpc),
-                               "--metrics-port", str(w.metrics), *model, *self._worker_cpus(i),
-                               *self.worker_args],
+                               "--metrics-port", str(w.metrics), *self._worker_cpus(i), *self.worker_args,
+                               *model],
                               readiness.grpc_serving(self._addr(w.grpc)), [w.grpc, w.metrics])
-                for i, w in enumerate(self.plan.workers)]
+                for i, (w, model) in enumerate(zip(self.plan.workers, self.worker_models(), strict=True))]
 
     def frontends(self) -> list[Child]:
         p = self.plan
         return [self._service(f"frontend-{i}", "frontend",
                               ["frontend", "--port", str(f.grpc), "--http-port", str(f.http),
-                               "--tokenizer", self._addr(p.tokenizer), "--scheduler", self._addr(p.scheduler)],
+                               "--tokenizer", self._addr(p.tokenizer), "--scheduler", self._addr(p.scheduler),
+                               *self.catalog_args],
                               readiness.all_of(readiness.grpc_serving(self._addr(f.grpc)),
                                                readiness.http_ok(f"http://{self._addr(f.http)}/health")),
                               [f.grpc, f.http])

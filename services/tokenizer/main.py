@@ -36,8 +36,19 @@ class TokenizerConfig(ServiceConfig):
 
 
 def model_specs(config: TokenizerConfig) -> list[str]:
+    """The models to load: `--model`, else every model of the catalog, else the prepared default model."""
     if config.model:
         return config.model
+    if config.catalog:
+        from infermesh.common.catalog import load_catalog
+        from infermesh.common.model_prep import is_complete
+
+        catalog = load_catalog(config.catalog)
+        missing = [m.name for m in catalog.models if m.weights.prepared and not is_complete(m.weights.path())]
+        if missing:
+            raise SystemExit(f"infermesh tokenizer: the catalog's models {', '.join(missing)} are not prepared; "
+                             f"run `infermesh prepare-model {' '.join(missing)}`")
+        return [m.spec() for m in catalog.models]
     from infermesh.common.model_prep import default_model_dir, is_complete
 
     default = default_model_dir()

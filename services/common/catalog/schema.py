@@ -8,9 +8,10 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from infermesh.common.errors import NotFound
-from infermesh.common.model_prep import parse_model_spec
+from infermesh.common.model_prep import model_dir, parse_model_spec
 from infermesh.common.model_sources import DEFAULT_MODEL_NAME
 
 FORMAT = 1
@@ -55,6 +56,10 @@ class Weights:
 
     def describe(self) -> str:
         return f"prepared:{self.prepared}" if self.prepared else self.dir
+
+    def path(self) -> Path:
+        """The model directory: a prepared model's (under $INFERMESH_HOME/models), or the directory given."""
+        return model_dir(self.prepared) if self.prepared else Path(self.dir)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,10 @@ class ModelEntry:
     prices: Prices = Prices()
     engine: EngineOptions = EngineOptions()
     workers: int = 1  # how many workers `infermesh up` starts for it (0: they run elsewhere)
+
+    def spec(self) -> str:
+        """The `--model` value of the services that load it: NAME=DIR."""
+        return f"{self.name}={self.weights.path()}"
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+from infermesh.common.catalog import RequestFacts
 from infermesh.common.errors import InvalidRequest
 from infermesh.frontend.openai.protocol import OpenAIModel, SamplingFields, limit
 from infermesh.v1 import common_pb2
@@ -40,6 +41,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, limit("logprobs")] | None = None
     add_generation_prompt: bool = True
+    # Read by the catalog's routes (a rule may send requests with tools or a structured response elsewhere).
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -67,3 +71,10 @@ class ChatCompletionRequest(SamplingFields):
                 msg.name = m.name
             out.append(msg)
         return out
+
+    def route_facts(self, tier: str | None) -> RequestFacts:
+        """What a catalog route's rules read of this request (the rendered length is added after rendering)."""
+        users = [m.text(i) for i, m in enumerate(self.messages) if m.role == "user"]
+        structured = self.response_format is not None and self.response_format.get("type", "text") != "text"
+        return RequestFacts(turns=len(users), tools=bool(self.tools), response_format=structured,
+                            text="\n".join(users), tier=tier)

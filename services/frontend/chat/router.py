@@ -23,8 +23,9 @@ def routes(ctx: ApiContext) -> list[Route]:
             ctx.request_backends, ctx.options, request_id=caller.request_id, model=req.model,
             sampling=req.to_sampling(), tenant=caller.tenant, priority=req.priority_value,
             messages=req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
-            params=req.sampling_params(), deadline=caller.deadline)
-        fmt = ChatFormat("chatcmpl-" + caller.request_id, now(), req.model, gen.prepared.tokenizer,
+            params=req.sampling_params(), deadline=caller.deadline, targets=ctx.targets,
+            facts=req.route_facts(caller.tier))
+        fmt = ChatFormat("chatcmpl-" + caller.request_id, now(), gen.model, gen.prepared.tokenizer,
                          req.num_logprobs() is not None)
         return await serving.respond(request, gen, fmt, stream=req.stream, include_usage=req.include_usage)
 

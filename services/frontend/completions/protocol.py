@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from infermesh.common.catalog import RequestFacts
 from infermesh.common.errors import InvalidRequest
 from infermesh.frontend.openai.protocol import SamplingFields, limit
 from pydantic import Field, model_validator
@@ -29,6 +30,11 @@ class CompletionRequest(SamplingFields):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def route_facts(self, tier: str | None) -> RequestFacts:
+        """What a catalog route's rules read of this request: the prompt is one user turn."""
+        prompt = self.prompt_input()
+        return RequestFacts(turns=1, text=prompt if isinstance(prompt, str) else "", tier=tier)
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt: text or token ids (batches of prompts are refused)."""

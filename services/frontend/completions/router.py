@@ -25,8 +25,9 @@ def routes(ctx: ApiContext) -> list[Route]:
             sampling=req.to_sampling(), tenant=caller.tenant, priority=req.priority_value,
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_ids=prompt if isinstance(prompt, list) else None,
-            params=req.sampling_params(), deadline=caller.deadline)
-        fmt = CompletionFormat("cmpl-" + caller.request_id, now(), req.model, gen.prepared.tokenizer,
+            params=req.sampling_params(), deadline=caller.deadline, targets=ctx.targets,
+            facts=req.route_facts(caller.tier))
+        fmt = CompletionFormat("cmpl-" + caller.request_id, now(), gen.model, gen.prepared.tokenizer,
                                req.num_logprobs() is not None)
         return await serving.respond(request, gen, fmt, stream=req.stream, include_usage=req.include_usage)
 

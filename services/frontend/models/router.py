@@ -1,7 +1,8 @@
-"""`GET /v1/models`: the models the workers serve."""
+"""`GET /v1/models`: the one model list (`listing.py`)."""
 
 from __future__ import annotations
 
+from infermesh.frontend.models.listing import model_json, model_list
 from infermesh.frontend.routes import ApiContext, Route
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -10,9 +11,8 @@ from starlette.responses import JSONResponse
 def routes(ctx: ApiContext) -> list[Route]:
     async def models(request: Request) -> JSONResponse:
         ctx.keys.tenant(request.headers.get("authorization"))
-        cards = await ctx.backends.model_cards()
-        data = [{"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by or "infermesh",
-                 "max_model_len": c.max_model_len, "simulated": c.simulated} for c in cards]
-        return JSONResponse({"object": "list", "data": data})
+        cards = model_list(ctx.targets.catalog, await ctx.backends.model_cards())
+        return JSONResponse({"object": "list", "data": [model_json(c) for c in cards]})
 
     return [Route("/v1/models", "GET", models, "Models served", statuses=(200, 401, 503))]
+

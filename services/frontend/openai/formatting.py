@@ -40,11 +40,15 @@ class ResponseFormat:
                  logprobs: bool) -> None:
         self.id = request_id
         self.created = created
+        self.logprobs = logprobs
+        self.retarget(model, tokenizer)
+
+    def retarget(self, model: str, tokenizer: TokenizerModel) -> None:
+        """The model that produces the response (another one after a fallback before the first token)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.logprobs = logprobs
-        self.head = ('data: {"id":' + quote(request_id) + ',"object":"' + self.object_name +
-                     '","created":' + str(created) + ',"model":' + quote(model) + ',"choices":[{"index":')
+        self.head = ('data: {"id":' + quote(self.id) + ',"object":"' + self.object_name +
+                     '","created":' + str(self.created) + ',"model":' + quote(model) + ',"choices":[{"index":')
 
     def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": self.response_object, "created": self.created, "model": self.model,

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from infermesh.common.catalog import TIER_HEADER, TIERS
 from infermesh.common.context import current_request_id
 from infermesh.common.errors import Cancelled, InvalidRequest, PayloadTooLarge
 from infermesh.frontend import metrics
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # An HTTP client's deadline for the whole request, in seconds (gRPC callers use the gRPC deadline).
 TIMEOUT_HEADER = "x-request-timeout"
+# The response's headers that say which model served and, after a fallback, the models tried.
+MODEL_HEADER = "x-infermesh-model"
+FALLBACK_HEADER = "x-infermesh-fallback"
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Caller:
     tenant: str
     body: Any
     deadline: float | None  # unix seconds
+    tier: str | None = None  # the cost tier asked for (header x-infermesh-tier), for the catalog's routes
 
 
 def now() -> int:
@@ -51,6 +56,14 @@ def now() -> int:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def served_headers(gen: Generation) -> dict[str, str]:
+    """Which model serves the response and, after a fallback, the models tried (`a>b`)."""
+    headers = {MODEL_HEADER: gen.model}
+    if gen.fallback:
+        headers[FALLBACK_HEADER] = gen.fallback
+    return headers
 
 
 class OpenAIServing:
@@ -71,7 +84,10 @@ class OpenAIServing:
                 raise InvalidRequest(f"the {TIMEOUT_HEADER} header must be a positive number of seconds",
                                      param=TIMEOUT_HEADER)
             deadline = time.time() + seconds
-        return Caller(current_request_id(), tenant, await self.read_json(request), deadline)
+        tier = request.headers.get(TIER_HEADER)
+        if tier is not None and tier not in TIERS:
+            raise InvalidRequest(f"the {TIER_HEADER} header must be one of {', '.join(TIERS)}", param=TIER_HEADER)
+        return Caller(current_request_id(), tenant, await self.read_json(request), deadline, tier)
 
     async def read_json(self, request: Request) -> Any:
         limit = self.ctx.max_body_bytes
@@ -103,7 +119,8 @@ class OpenAIServing:
         except BaseException:
             await gen.close()
             raise
-        return EventStream(lambda s: self._sse(s, gen, fmt, include_usage), on_gone=output.wake)
+        return EventStream(lambda s: self._sse(s, gen, fmt, include_usage), on_gone=output.wake,
+                           headers=served_headers(gen))
 
     async def _until_admitted(self, request: Request, gen: Generation) -> None:
         """Waits for the admission decision; a client that goes away meanwhile cancels the request."""
@@ -136,13 +153,14 @@ class OpenAIServing:
                         logprobs.setdefault(d.index, []).extend(d.logprobs)
             if output.error is not None:
                 raise output.error
+            fmt.retarget(gen.model, gen.prepared.tokenizer)
             body = fmt.response(output.result(logprobs))
         finally:
             gone.cancel()
             metrics.ACTIVE_HTTP.dec()
             await gen.close()
         return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
-                        media_type="application/json")
+                        media_type="application/json", headers=served_headers(gen))
 
     async def _sse(self, stream: EventStream, gen: Generation, fmt: ResponseFormat,
                    include_usage: bool) -> AsyncIterator[bytes]:
@@ -150,8 +168,8 @@ class OpenAIServing:
         output = gen.output
         active = metrics.ACTIVE_HTTP
         active.inc()
+        started = False  # the first chunk waits for the first output: a fallback may still change the model
         try:
-            yield fmt.start(len(output.choices))
             while not output.done:
                 await output.wait(keepalive)
                 if stream.gone:
@@ -159,9 +177,18 @@ class OpenAIServing:
                     return
                 deltas = output.take()
                 if deltas:
-                    yield fmt.chunks(deltas)
+                    if not started:
+                        started = True
+                        if fmt.model != gen.model:
+                            fmt.retarget(gen.model, gen.prepared.tokenizer)
+                        yield fmt.start(len(output.choices)) + fmt.chunks(deltas)
+                    else:
+                        yield fmt.chunks(deltas)
                 elif not output.done:
                     yield KEEPALIVE
+            if not started and output.error is None:
+                fmt.retarget(gen.model, gen.prepared.tokenizer)
+                yield fmt.start(len(output.choices))
             if output.error is not None:
                 logger.warning("stream failed after it started: %s", output.error.message)
                 yield error_event(output.error, gen.prepared.request_id)

@@ -31,10 +31,12 @@ class EventStream:
     status_code = 200
 
     def __init__(self, body: Callable[[EventStream], AsyncIterator[bytes]],
-                 on_gone: Callable[[], None] | None = None) -> None:
+                 on_gone: Callable[[], None] | None = None, headers: dict[str, str] | None = None) -> None:
         self.body = body
         self.on_gone = on_gone
         self.gone = False
+        self.raw_headers = _RAW_HEADERS + [(k.encode("latin-1"), v.encode("latin-1"))
+                                           for k, v in (headers or {}).items()]
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -47,7 +49,7 @@ class EventStream:
         watcher = asyncio.get_running_loop().create_task(self._watch(receive))
         chunks = self.body(self)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in chunks:
                 if self.gone:
                     break

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 from infermesh.common.context import request_metadata
@@ -49,10 +50,14 @@ class WorkerFailed(Exception):
 
 
 class Attempts:
-    def __init__(self, backends: RequestBackends, prepared: PreparedRequest, output: OutputBuffer) -> None:
+    def __init__(self, backends: RequestBackends, prepared: PreparedRequest, output: OutputBuffer,
+                 on_error: Callable[[InfermeshError], bool] | None = None) -> None:
         self.backends = backends
         self.prepared = prepared
         self.output = output
+        # Hears an error that ends the request before it fails the output; True: it took the request on
+        # (the next model of a fallback chain), and the output stays open.
+        self.on_error = on_error
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> Attempts:
@@ -76,12 +81,16 @@ class Attempts:
         try:
             await self._run(indices, generated)
         except InfermeshError as exc:
-            self.output.fail(exc)
+            self._fail(exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.exception("generation failed")
-            self.output.fail(InternalError(f"generation failed: {type(exc).__name__}"))
+            self._fail(InternalError(f"generation failed: {type(exc).__name__}"))
+
+    def _fail(self, exc: InfermeshError) -> None:
+        if self.on_error is None or not self.on_error(exc):
+            self.output.fail(exc)
 
     def _admit_request(self, exclude: list[str], generated: int, max_tokens: int, n: int) -> scheduler_pb2.AdmitRequest:
         p = self.prepared

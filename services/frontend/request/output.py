@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infermesh.common.errors import InfermeshError
@@ -81,8 +82,10 @@ class OutputBuffer:
     """The choices of one request as the workers fill them and the reader drains them."""
 
     def __init__(self, n: int, tokenizer: TokenizerModel, stops: list[str], prompt_tokens: int) -> None:
+        self._stops = stops
         self.choices = [ChoiceOutput(i, tokenizer.detokenizer(), StopMatcher(stops)) for i in range(n)]
         self.prompt_tokens = prompt_tokens
+        self.on_first_token: Callable[[], None] | None = None  # called once, at the first token
         self.cached_tokens = 0
         self.error: InfermeshError | None = None
         self.started_at = time.perf_counter()
@@ -109,6 +112,8 @@ class OutputBuffer:
             if self.first_token_at is None:
                 self.first_token_at = now
                 metrics.TTFT.observe(now - self.started_at)
+                if self.on_first_token is not None:
+                    self.on_first_token()
             else:
                 metrics.ITL.observe((now - self._last_token_at) / len(ids))
             self._last_token_at = now
@@ -126,6 +131,14 @@ class OutputBuffer:
             choice.text.append(text)
             choice.pending_text.append(text)
         self._notify()
+
+    def retarget(self, tokenizer: TokenizerModel, prompt_tokens: int) -> None:
+        """Before the first token only: another model (a fallback) will fill the buffer, with its tokenizer."""
+        assert self.first_token_at is None and not any(c.ids for c in self.choices)
+        self.choices = [ChoiceOutput(i, tokenizer.detokenizer(), StopMatcher(self._stops))
+                        for i in range(len(self.choices))]
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0
 
     def admitted(self) -> None:
         self.decided.set()
