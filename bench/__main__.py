@@ -5,6 +5,7 @@
     python -m bench frontend [options]   the frontend benchmark (bench/frontend_bench.py)
     python -m bench scheduler [options]  the scheduler benchmark (bench/scheduler_bench.py)
     python -m bench tokenizer [options]  the tokenizer benchmark (bench/tokenizer_bench.py)
+    python -m bench route [options]      a catalog route on a mixed workload (bench/route_bench.py)
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 
 SERVICE_BENCHES = {"worker": "bench.worker_bench", "frontend": "bench.frontend_bench",
-                   "scheduler": "bench.scheduler_bench", "tokenizer": "bench.tokenizer_bench"}
+                   "scheduler": "bench.scheduler_bench", "tokenizer": "bench.tokenizer_bench",
+                   "route": "bench.route_bench"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from infermesh.common.catalog import parse_catalog
 
 from tests.fixtures.mesh import FrontendProcess, start_frontend, start_scheduler
 from tests.fixtures.worker import start_sim_worker
@@ -29,10 +30,12 @@ models:
     weights: {{dir: {model}}}
     aliases: [chat-small]
     tier: cheap
+    prices: {{prompt_per_mtok: 0.02, completion_per_mtok: 0.05}}
   - name: large
     weights: {{dir: {model}}}
     aliases: [chat-large]
     tier: standard
+    prices: {{prompt_per_mtok: 0.10, completion_per_mtok: 0.30}}
 routes:
   - name: auto
     default: chat-small
@@ -40,7 +43,7 @@ routes:
       - model: chat-large
         when: {{tier: [standard, premium]}}
       - model: chat-large
-        when: {{keywords: [python]}}
+        when: {{keywords: [python, sql, regex, javascript, rust, bug]}}
 fallbacks:
   - chain: [chat-large, chat-small]
 cooldown: {{failures: 3, window_s: 60, skip_s: 300}}
@@ -179,6 +182,21 @@ def test_reloads_under_load_fail_no_request(mesh: CatalogMesh) -> None:
     while "chat-tiny" in mesh.names() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "chat-tiny" not in mesh.names()
+
+
+def test_the_route_benchmark_reports_shares_cost_and_ttft(mesh: CatalogMesh) -> None:
+    from bench.route_bench import drive, report, workload
+
+    items = workload(20, 0.4, seed=3)
+    assert sum(hard for hard, _ in items) == 8
+    samples = asyncio.run(drive(mesh.frontend.url, "auto", items, concurrency=4, max_tokens=8))
+    result = report(parse_catalog(mesh.catalog.read_text(), "catalog.yaml"), "auto", samples, 0.4)
+    assert result["failed"] == 0 and result["largest"] == "large"
+    assert result["models"]["large"]["hard"] == 8 and result["models"]["large"]["easy"] == 0
+    assert result["models"]["small"]["share"] == pytest.approx(0.6)
+    assert result["hard_to_largest"] == 1.0 and result["easy_kept_cheaper"] == 1.0
+    assert 0 < result["cost_ratio"] < 1  # the cheap model's share priced at its prices
+    assert all(m["ttft_p50_s"] > 0 for m in result["models"].values())
 
 
 def test_a_stream_falls_back_when_its_model_has_no_worker_left(mesh: CatalogMesh) -> None:
