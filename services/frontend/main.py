@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from infermesh.common.config import ServiceConfig, option
@@ -142,20 +142,19 @@ async def serve(config: FrontendConfig) -> None:
                         on_drain=on_drain, public=True)
 
     async def ready() -> None:
-        if targets.holder is not None and targets.holder.path is not None:
-            targets.holder.install_sighup()
-            watching.append(targets.holder.start_watch())
+        if targets.holder is not None:
+            following.append(targets.holder.follow())
         await http.start()
         for model in config.preload_model:
             await backends.tokenizer_model(model)
         logger.info("HTTP on %s:%d (api keys: %s)", config.host, http.port, "on" if keys.enabled else "off")
 
-    watching: list[asyncio.Task[None]] = []
+    following: list[Callable[[], None]] = []
     try:
         await server.serve(ready=ready)
     finally:
-        for task in watching:
-            task.cancel()
+        for stop in following:
+            stop()
         await http.stop()
         await backends.close()
 

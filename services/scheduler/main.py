@@ -103,11 +103,17 @@ async def serve(config: SchedulerConfig) -> None:
     limits = Limits(config.max_queue, config.queue_timeout, config.lease_ttl, config.ttft_slo,
                     config.ttft_slo_queue_share)
     dispatcher = Dispatcher(policy, limits, tenant_weights=config.weights())
+    holder = None
     if config.catalog:
-        from infermesh.common.catalog import load_catalog
+        from infermesh.common.catalog import Catalog, CatalogHolder
 
-        for entry in load_catalog(config.catalog).models:
-            dispatcher.expect_model(entry.name)
+        holder = CatalogHolder.open(config.catalog)
+
+        def expect(catalog: Catalog) -> None:
+            for entry in catalog.models:
+                dispatcher.expect_model(entry.name)
+        expect(holder.current)
+        holder.add_listener(expect)  # a model added to the catalog: its queue and metrics at once
     pool = WorkerPool(dispatcher, static=config.workers, dns=config.workers_dns, dns_interval=config.dns_interval,
                       watcher=f"scheduler@{socket.gethostname()}:{os.getpid()}",
                       interval_ms=config.report_interval_ms, stale_after=config.stale_after)
@@ -115,7 +121,11 @@ async def serve(config: SchedulerConfig) -> None:
     server = GrpcServer("scheduler", config, [(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                                                SchedulerService(dispatcher), name)])
 
+    following = []
+
     async def ready() -> None:
+        if holder is not None:
+            following.append(holder.follow())
         await pool.start()
         await pool.wait_first_attempts(timeout=5.0)
         logger.info("scheduler policy %s over %d workers", policy.name, len(pool.watches))
@@ -125,6 +135,8 @@ async def serve(config: SchedulerConfig) -> None:
     try:
         await server.serve(ready=ready)
     finally:
+        for stop in following:
+            stop()
         await pool.stop()
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infermesh.common.config import ServiceConfig, option
 from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
+
+if TYPE_CHECKING:
+    from infermesh.tokenizer.models import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +73,52 @@ async def serve(config: TokenizerConfig) -> None:
         name, path = parse_model_spec(spec)
         models.append(ModelTokenizer.load(name, Path(path)))
         logger.info("loaded tokenizer for %s (vocabulary %d)", name, models[-1].vocab_size)
-    service = TokenizerService(ModelRegistry(models), workers=config.threads)
+    registry = ModelRegistry(models)
+    service = TokenizerService(registry, workers=config.threads)
     name = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
     server = GrpcServer("tokenizer", config, [(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, service, name)])
-    await server.serve()
+    following: list[Callable[[], None]] = []
+
+    async def ready() -> None:
+        if config.catalog and not config.model:
+            following.append(follow_catalog(config.catalog, registry))
+
+    try:
+        await server.serve(ready=ready)
+    finally:
+        for stop in following:
+            stop()
+
+
+def follow_catalog(path: str, registry: ModelRegistry) -> Callable[[], None]:
+    """Loads the tokenizer of each model a reloaded catalog adds (models it drops stay: requests in flight
+    may still name them, and nothing routes new ones to them)."""
+    import asyncio
+
+    from infermesh.common.catalog import Catalog, CatalogHolder
+    from infermesh.tokenizer.models import ModelTokenizer
+
+    holder = CatalogHolder.open(path)
+    loop = asyncio.get_running_loop()
+    loading: set[asyncio.Task[None]] = set()
+
+    async def load(name: str, directory: Path) -> None:
+        try:
+            model = await asyncio.to_thread(ModelTokenizer.load, name, directory)
+        except (OSError, ValueError) as exc:
+            logger.error("the catalog's new model %s: its tokenizer cannot be loaded: %s", name, exc)
+            return
+        registry.models[name] = model
+        logger.info("loaded tokenizer for %s (vocabulary %d), new in the catalog", name, model.vocab_size)
+
+    def changed(catalog: Catalog) -> None:
+        for m in catalog.models:
+            if m.name not in registry.models:
+                task = loop.create_task(load(m.name, m.weights.path()))
+                loading.add(task)
+                task.add_done_callback(loading.discard)
+    holder.add_listener(changed)
+    return holder.follow()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

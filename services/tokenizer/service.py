@@ -85,7 +85,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
                 short = sum(len(m["content"]) for m in messages) <= INLINE_CHARS
                 ids = await self._run(model.render_chat, messages, add_gen, self.idle_cores, inline=short)
-            self._tokens[model.name].inc(len(ids))
+            counter = self._tokens.get(model.name)
+            if counter is None:  # a model the catalog added after the start
+                counter = self._tokens[model.name] = TOKENS.labels(model=model.name)
+            counter.inc(len(ids))
             return tokenizer_pb2.RenderResponse(token_ids=ids)
 
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: Any) -> tokenizer_pb2.EncodeResponse:

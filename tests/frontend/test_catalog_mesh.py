@@ -58,6 +58,7 @@ class CatalogMesh:
     frontend: FrontendProcess
     large: ServiceProcess
     procs: list[ServiceProcess]
+    spare: int  # a worker port the scheduler lists, where no worker runs yet (a model added later)
 
     def write(self, extra: str = "", text: str | None = None) -> None:
         """Replaces the file at once (as a ConfigMap update does), so a reader never sees half of it."""
@@ -92,11 +93,13 @@ def mesh(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         small = [start_sim_worker(logs, model=f"small={model_dir}", **sim) for _ in range(2)]
         large = start_sim_worker(logs, model=f"large={model_dir}", **sim)
         procs += [*small, large]
-        scheduler = start_scheduler(logs, [p.address for p in procs[1:]], catalog=str(catalog))
+        spare = free_port()
+        scheduler = start_scheduler(logs, [p.address for p in procs[1:]] + [f"127.0.0.1:{spare}"],
+                                    catalog=str(catalog))
         procs.append(scheduler)
         frontend = start_frontend(logs, tokenizer.address, scheduler.address, catalog=str(catalog))
         procs.append(frontend.wait_ready())
-        yield CatalogMesh(catalog, model_dir, frontend, large, procs)
+        yield CatalogMesh(catalog, model_dir, frontend, large, procs, spare)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -182,6 +185,33 @@ def test_reloads_under_load_fail_no_request(mesh: CatalogMesh) -> None:
     while "chat-tiny" in mesh.names() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "chat-tiny" not in mesh.names()
+
+
+def test_a_model_added_to_the_catalog_is_served_once_its_worker_starts(mesh: CatalogMesh) -> None:
+    original = mesh.catalog.read_text()
+    mesh.write(text=original.replace("routes:", f"  - name: extra\n    weights: {{dir: {mesh.model_dir}}}\nroutes:"))
+    body = {"model": "extra", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    deadline, status = time.monotonic() + 20, 0
+    while time.monotonic() < deadline:
+        # 404 until the frontend took the new catalog; then, once the tokenizer has the model's tokenizer
+        # and the scheduler its queue, 503: a model of the catalog with no worker yet.
+        status = httpx.post(mesh.frontend.url + "/v1/chat/completions", json=body, timeout=10).status_code
+        if status == 503:
+            break
+        assert status == 404, status
+        time.sleep(0.2)
+    assert status == 503
+    assert next(m for m in client(mesh).models.list().data if m.id == "extra").model_dump()["ready"] is False
+    worker = ServiceProcess("sim-worker-extra", ["worker", "--engine", "sim", "--port", str(mesh.spare),
+                                                 "--metrics-port", "0", "--model", f"extra={mesh.model_dir}"],
+                            port=mesh.spare, log_dir=mesh.catalog.parent)
+    mesh.procs.insert(1, worker.start().wait_healthy(60))
+    deadline = time.monotonic() + 20
+    while httpx.post(mesh.frontend.url + "/v1/chat/completions", json=body, timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the new model's worker never served"
+        time.sleep(0.2)
+    assert ask(mesh, "extra")[0] == "extra"
+    mesh.write(text=original)
 
 
 def test_the_route_benchmark_reports_shares_cost_and_ttft(mesh: CatalogMesh) -> None:

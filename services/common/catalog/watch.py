@@ -138,6 +138,19 @@ class CatalogHolder:
         """`watch()` as a task of the running loop (cancel it to stop)."""
         return asyncio.get_running_loop().create_task(self.watch(interval), name="catalog-watch")
 
+    def follow(self, interval: float = 2.0) -> Callable[[], None]:
+        """What a service does with its catalog file: reload on SIGHUP and on a change of the file (from the
+        running loop). Returns the stop. Without a file, nothing to follow."""
+        if self.path is None:
+            return lambda: None
+        remove = self.install_sighup()
+        task = self.start_watch(interval)
+
+        def stop() -> None:
+            task.cancel()
+            remove()
+        return stop
+
     async def check_once(self) -> ReloadResult | None:
         """One poll: None when the file's stat is unchanged, else what reading it did."""
         if self.path is None:
