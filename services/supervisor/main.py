@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             child.log_path.write_bytes(b"")
     hints = {"workers": "the vLLM engine warms up in about 45-150 s on a CPU"} if config.engine == "vllm" else {}
     supervisor = Supervisor(tiers, _say, start_timeout=config.start_timeout, grace_period=config.grace_period,
-                            hints=hints)
+                            hints=hints, reload_tiers=("tokenizer", "scheduler", "frontend") if catalog else ())
     supervisor.install_signal_handlers()
     _say(f"engine {config.engine}, {workers} worker(s), {config.frontends} frontend(s); logs in {log_dir}")
     if catalog is not None:

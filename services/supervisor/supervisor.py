@@ -11,6 +11,7 @@ Ctrl-C skips the wait.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +32,10 @@ class StartupFailed(Exception):
 
 class Supervisor:
     def __init__(self, tiers: Sequence[tuple[str, list[Child]]], say: Say, *, start_timeout: float,
-                 grace_period: float, hints: dict[str, str] | None = None) -> None:
+                 grace_period: float, hints: dict[str, str] | None = None,
+                 reload_tiers: Sequence[str] = ()) -> None:
         self.tiers = list(tiers)
+        self.reload_tiers = tuple(reload_tiers)  # the children that reload their catalog on SIGHUP
         self.say = say
         self.start_timeout = start_timeout
         self.grace_period = grace_period
@@ -50,6 +53,19 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        if self.reload_tiers:
+            signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP reloads the catalog: passed on to the services that read it (not to the workers, whose
+        options only a restart changes)."""
+        for child in self.children:
+            pid = child.pid
+            if child.tier in self.reload_tiers and pid is not None and child.running():
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.stop_requested:

@@ -4,8 +4,10 @@ before anything starts, with the line and the field."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +75,18 @@ def test_clients_use_the_catalogs_names_through_envoy(up: UpProcess) -> None:
     routed = client.chat.completions.with_raw_response.create(
         model="auto", max_tokens=4, messages=[{"role": "user", "content": "Some python, please"}])
     assert routed.parse().model == "large" and routed.headers["x-infermesh-model"] == "large"
+
+
+def test_sighup_reloads_the_catalog_in_the_services_that_read_it(up: UpProcess) -> None:
+    assert up.proc is not None
+    up.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    logs = ("tokenizer", "scheduler", "frontend-0")
+    while not all("SIGHUP: reloading the catalog" in (up.log_dir / f"{n}.log").read_text() for n in logs):
+        assert time.monotonic() < deadline, "SIGHUP did not reach every service that reads the catalog"
+        time.sleep(0.1)
+    assert "SIGHUP" not in (up.log_dir / "worker-0.log").read_text()
+    assert up.proc.poll() is None and httpx.get(up.url + "/health", timeout=5).status_code == 200
 
 
 def test_an_invalid_catalog_stops_up_before_anything_starts(tmp_path: Path) -> None:
