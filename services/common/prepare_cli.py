@@ -1,4 +1,5 @@
-"""`infermesh prepare-model [NAME ...] [--all] [--list]`: prepare models of the registry by name.
+"""`infermesh prepare-model [NAME ...] [--catalog FILE] [--all] [--list]`: prepare models of the registry by
+name, or every model a catalog names by `weights.prepared`.
 
 With no name it prepares the default model (what `make model` and the containers' init step run).
 Progress goes to stderr; stdout holds only `--list`'s table or `--print-path`'s directories.
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"Without a name: the default model, {DEFAULT_MODEL_NAME}. A prepared model is reused.")
     parser.add_argument("names", nargs="*", metavar="NAME", help="Models to prepare (see --list).")
     parser.add_argument("--all", action="store_true", help="Prepare every known model.")
+    parser.add_argument("--catalog", help="Prepare every model the catalog names by `weights.prepared`.")
     parser.add_argument("--list", action="store_true", help="List the known models and whether they are prepared.")
     parser.add_argument("--dir", type=Path, default=None,
                         help=f"Target directory, for one model (default {default_model_dir()} for the default "
@@ -55,7 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print(listing())
         return 0
-    names: list[str] = list(SOURCES) if args.all else list(dict.fromkeys(args.names)) or [DEFAULT_MODEL_NAME]
+    wanted = list(args.names)
+    if args.catalog:
+        from infermesh.common.catalog import CatalogError, load_catalog
+
+        try:
+            wanted += [m.weights.prepared for m in load_catalog(args.catalog).models if m.weights.prepared]
+        except CatalogError as e:
+            print(f"infermesh prepare-model: invalid catalog:\n{e}", file=sys.stderr)
+            return 2
+    names: list[str] = list(SOURCES) if args.all else list(dict.fromkeys(wanted)) or [DEFAULT_MODEL_NAME]
     try:
         for name in names:
             get_source(name)

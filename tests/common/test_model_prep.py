@@ -107,3 +107,15 @@ def test_a_refused_source_exits_1_and_leaves_nothing(tmp_path: Path, monkeypatch
     assert prepare_cli.main(["broken"]) == 1
     assert "broken could not be prepared: the joined file has sha256 0000" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "models").iterdir()] == [".broken.lock"]
+
+
+def test_a_catalog_names_the_models_to_prepare(minilm_home: Path, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("format: 1\nmodels:\n  - name: e\n    task: embed\n    weights: {prepared: all-MiniLM-L6-v2}\n"
+                       "  - name: local\n    weights: {dir: /elsewhere}\n")
+    result = prepare_model_cli(minilm_home, "--catalog", str(catalog), "--print-path")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(minilm_home / "models" / "all-MiniLM-L6-v2")]  # a `dir` model is not ours
+    catalog.write_text("format: 1\nmodels:\n  - name: e\n    weights: {prepared: nope}\n")
+    refused = prepare_model_cli(minilm_home, "--catalog", str(catalog))
+    assert refused.returncode == 2 and f"{catalog}:4: models[0].weights.prepared" in refused.stderr
