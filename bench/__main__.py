@@ -6,6 +6,7 @@
     python -m bench scheduler [options]  the scheduler benchmark (bench/scheduler_bench.py)
     python -m bench tokenizer [options]  the tokenizer benchmark (bench/tokenizer_bench.py)
     python -m bench route [options]      a catalog route on a mixed workload (bench/route_bench.py)
+    python -m bench embeddings [options] embeddings/s, the mesh against vLLM's server (bench/embeddings_bench.py)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 SERVICE_BENCHES = {"worker": "bench.worker_bench", "frontend": "bench.frontend_bench",
                    "scheduler": "bench.scheduler_bench", "tokenizer": "bench.tokenizer_bench",
-                   "route": "bench.route_bench"}
+                   "route": "bench.route_bench", "embeddings": "bench.embeddings_bench"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,7 +139,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench route", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="the mesh (Envoy or a frontend), e.g. http://localhost:8080")
     parser.add_argument("--catalog", default=str(ROOT / "deploy" / "catalog" / "demo.yaml"),
                         help="the catalog the mesh runs (for its prices and tiers)")

@@ -192,7 +192,7 @@ def embed_truncation(truncate: int | None, window: int) -> int | None:
 def check_embed_inputs(lengths: list[int], window: int, param: str = "input") -> int:
     """Every input between 1 token and the window, all of them within MAX_EMBED_TOKENS; returns their sum."""
     for i, n in enumerate(lengths):
-        which = param if len(lengths) == 1 else f"{param}[{i}]"
+        which = "the input" if len(lengths) == 1 else f"{param}[{i}]"
         if n == 0:
             raise InvalidRequest(f"{which} must not be empty", param=param)
         if n > window:

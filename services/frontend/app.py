@@ -30,6 +30,7 @@ from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.chat import router as chat
 from infermesh.frontend.completions import router as completions
 from infermesh.frontend.drain import IMMEDIATE_FAIL_HEADER, Drain
+from infermesh.frontend.embeddings import router as embeddings
 from infermesh.frontend.models import router as models
 from infermesh.frontend.request.generation import ServingOptions
 from infermesh.frontend.request.targets import ModelTargets
@@ -41,7 +42,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = (chat, completions, models, system)
+FAMILIES = (chat, completions, embeddings, models, system)
 
 
 def error_response(exc: BaseException) -> JSONResponse:

@@ -200,3 +200,19 @@ class Backends:
         await self.scheduler_channel.close()
         for ch, _ in self._workers.values():
             await ch.close()
+
+    async def encode(self, request: tokenizer_pb2.EncodeRequest, request_id: str) -> tokenizer_pb2.EncodeResponse:
+        """Token ids of texts, in one batch (the embeddings' inputs)."""
+        try:
+            reply: tokenizer_pb2.EncodeResponse = await self.tokenizer.Encode(
+                request, timeout=RENDER_TIMEOUT, metadata=request_metadata(request_id))
+            return reply
+        except grpc.RpcError as err:
+            raise rpc_error(err, "tokenizer") from None
+
+    async def embed(self, address: str, request: worker_pb2.EmbedTokensRequest,
+                    metadata: Sequence[tuple[str, str]], timeout: float | None) -> worker_pb2.EmbedTokensResponse:
+        """A worker's Embed; a failure is the grpc.RpcError itself (the caller decides whether to retry it)."""
+        reply: worker_pb2.EmbedTokensResponse = await self.worker(address).Embed(request, metadata=metadata,
+                                                                                timeout=timeout)
+        return reply

@@ -19,6 +19,7 @@ from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
 from infermesh.frontend.models.listing import model_list
+from infermesh.frontend.request.embedding import EmbedParams, embed
 from infermesh.frontend.request.generation import ServingOptions, start_generation
 from infermesh.frontend.request.targets import ModelTargets
 from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -112,3 +113,43 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def ListModels(self, request: common_pb2.ListModelsRequest, context: Any) -> common_pb2.ListModelsResponse:
         self.keys.tenant(_authorization(context))
         return common_pb2.ListModelsResponse(models=model_list(self.targets.catalog, await self.backends.model_cards()))
+
+    async def Embed(self, request: inference_pb2.EmbedRequest, context: Any) -> inference_pb2.EmbedResponse:
+        """The embeddings of texts or token-id lists, as `POST /v1/embeddings` (request/embedding.py)."""
+        code = "OK"
+        try:
+            tenant = self.keys.tenant(_authorization(context))
+            if request.request_id:
+                set_request_id(request.request_id)
+            request_id = current_request_id()
+            if request_id == "-":
+                request_id = new_request_id()
+                set_request_id(request_id)
+            if bool(request.texts) == bool(request.token_ids):
+                raise InvalidRequest("send exactly one of texts or token_ids", param="texts")
+            if request.HasField("dimensions") and not request.dimensions:
+                raise InvalidRequest("dimensions must be at least 1 (or unset)", param="dimensions")
+            params = EmbedParams(
+                model=self.targets.resolve(request.model, task="embed"), request_id=request_id, tenant=tenant,
+                priority=int(request.priority), deadline=_deadline(context), admit_timeout=self.options.admit_timeout,
+                dimensions=request.dimensions,
+                truncate_prompt_tokens=request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens")
+                else None, truncation_side=request.truncation_side or "right",
+                param="texts" if request.texts else "token_ids")
+            result = await embed(self.backends, params, texts=list(request.texts) if request.texts else None,
+                                 token_ids=[list(item.ids) for item in request.token_ids] or None)
+            usage = common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+            return inference_pb2.EmbedResponse(
+                id=request_id, model=result.model, usage=usage,
+                data=[inference_pb2.Embedding(index=i, embedding=v) for i, v in enumerate(result.vectors)])
+        except InfermeshError as exc:
+            code = exc.code.name
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        except BaseException:
+            code = "CANCELLED"  # the caller went away (or its deadline passed)
+            raise
+        finally:
+            metrics.GRPC_REQUESTS.labels(method="Embed", code=code).inc()

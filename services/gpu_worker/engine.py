@@ -1,9 +1,12 @@
 """The engine interface of the worker, and the plain data that crosses it.
 
-An engine serves one model. `generate` takes a validated `GenerateRequest`
-(prompt ids already include any resumed ids; `max_tokens` is what is left to
-generate) and yields `Delta`s, one choice at a time; closing or cancelling the
-iterator aborts the request in the engine. `load` is cheap and synchronous
+An engine serves one model for one task (`EngineInfo.task`). A generate
+engine's `generate` takes a validated `GenerateRequest` (prompt ids already
+include any resumed ids; `max_tokens` is what is left to generate) and yields
+`Delta`s, one choice at a time; closing or cancelling the iterator aborts the
+request in the engine. An embed engine's `embed` takes a validated
+`EmbedRequest` (a batch of token-id inputs) and returns one vector per input;
+cancelling it aborts the inputs in the engine. `load` is cheap and synchronous
 (the servicer reads it for every load report and metrics scrape).
 """
 
@@ -28,6 +31,8 @@ class EngineInfo:
     eos_token_ids: list[int] = field(default_factory=list)
     simulated: bool = False
     version: str = ""
+    task: str = "generate"  # or "embed"
+    embedding_dim: int = 0  # an embed engine's vector length
 
 
 @dataclass
@@ -53,6 +58,18 @@ class GenerateRequest:
     # Ids generated elsewhere before a resume (already part of prompt_ids); they
     # count for penalties and min_tokens like tokens generated here.
     resumed_tokens: int = 0
+
+
+@dataclass
+class EmbedRequest:
+    """One batch of inputs as the engine sees it (validated by `validation.build_embed_request`)."""
+
+    request_id: str
+    inputs: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.inputs)
 
 
 @dataclass
@@ -94,6 +111,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta, None]:
         """Streams deltas; aborts the request when the iterator is closed early."""
+
+    async def embed(self, request: EmbedRequest) -> list[list[float]]:
+        """One vector per input, in order (engines of the embed task)."""
+        raise NotImplementedError(f"the {self.info.engine} engine does not embed")
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> bool:

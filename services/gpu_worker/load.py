@@ -2,7 +2,8 @@
 
 `LoadTracker.hold()` admits a request or raises Overloaded: the sequences held
 (running plus waiting) may not exceed `max_num_seqs`, and the tokens committed
-(prompt plus max_tokens, per choice) may not exceed the KV capacity. A lease
+(prompt plus max_tokens, per choice) may not exceed the KV capacity. An embed
+request (`hold_embed`) holds one sequence and its input tokens. A lease
 starts when its request is held and finishes when it is released, however the
 stream ended; every watcher hears of both at its next report, and reports are
 sent at once when leases change.
@@ -15,7 +16,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from infermesh.common.errors import Overloaded
-from infermesh.gpu_worker.engine import GenerateRequest
+from infermesh.gpu_worker.engine import EmbedRequest, GenerateRequest
 
 # A refused caller should retry elsewhere soon; this is the hint it gets.
 RETRY_AFTER_S = 0.2
@@ -61,21 +62,34 @@ class LoadTracker:
         return [h.lease_id for h in self.held.values() if h.lease_id]
 
     def hold(self, request: GenerateRequest, caller_id: str, lease_id: str) -> Held:
-        seqs = request.n
-        tokens = len(request.prompt_ids) + request.max_tokens * request.n
+        return self.hold_work(request.request_id, caller_id, lease_id, request.n,
+                              len(request.prompt_ids) + request.max_tokens * request.n)
+
+    def hold_embed(self, request: EmbedRequest, caller_id: str, lease_id: str) -> Held:
+        """An embed request holds one of the sequences (requests, for an embed worker) and its input tokens.
+
+        Its start wakes no watcher: a batch lasts milliseconds, and its end (or the next periodic report,
+        whose snapshot lists it) tells the schedulers, which count the lease as theirs until then. That is
+        one load report per request instead of two.
+        """
+        return self.hold_work(request.request_id, caller_id, lease_id, 1, request.tokens, announce=False)
+
+    def hold_work(self, key: str, caller_id: str, lease_id: str, seqs: int, tokens: int, *,
+                  announce: bool = True) -> Held:
         if self.held_seqs + seqs > self.max_num_seqs:
             raise Overloaded(f"worker at capacity: {self.held_seqs} of {self.max_num_seqs} sequences held",
                              retry_after=RETRY_AFTER_S)
         if self.committed_tokens + tokens > self.kv_capacity_tokens:
             raise Overloaded(f"worker at capacity: {self.committed_tokens} of {self.kv_capacity_tokens} KV tokens "
                              f"committed, the request needs {tokens}", retry_after=RETRY_AFTER_S)
-        held = Held(request.request_id, caller_id, lease_id, seqs, tokens)
+        held = Held(key, caller_id, lease_id, seqs, tokens)
         self.held[held.key] = held
         self._idle.clear()
         if lease_id:
             for w in self._watchers:
                 w.started.append(lease_id)
-                w.wake.set()
+                if announce:
+                    w.wake.set()
         return held
 
     def release(self, held: Held) -> None:

@@ -26,8 +26,18 @@ GPU host gets vLLM's own GPU defaults where ours say "auto"):
   worker benchmark: 0.90x -> 0.96x of in-process AsyncLLM at concurrency 1 on
   2 cores). `--engine-cpus` chooses the model's cores (VLLM_CPU_OMP_THREADS_BIND;
   default vLLM's own: all cores but one). `infermesh up` sets both per worker.
+  An embed worker is not pinned by `auto`: a pooling model's step is short, so
+  its scheduling process and the mesh's own per-request work, crowded onto the
+  cores left over, were the bottleneck (single-sentence requests at
+  concurrency 16 on 2 cores: 55 embeddings/s pinned, 72 unpinned; see
+  docs/benchmarks/embeddings.md).
 - The simulated engine: 50 ms to the first token plus 0.02 ms per uncached
   prompt token, 20 ms between tokens, 1M KV tokens, blocks of 16.
+- `--task generate`; `--task embed` serves embeddings (vLLM's pooling runner),
+  in float32 unless `--dtype` says otherwise: all-MiniLM-L6-v2's vectors match
+  sentence-transformers' to cosine 1.000000 in fp32, 0.99994 in bf16. The
+  simulated engine embeds too: 20 ms per batch (plus the per-token cost),
+  vectors of the model's hidden size (`--sim-embed-dim`).
 """
 
 from __future__ import annotations
@@ -55,20 +65,22 @@ class WorkerConfig(ServiceConfig):
     metrics_port: int = option(9110, "Port of the Prometheus /metrics endpoint (0: none).")
     engine: str = option("vllm", "The engine: vllm, or sim (simulated, for tests at scale).",
                          choices=("vllm", "sim"))
+    task: str = option("generate", "What the model does: generate (chat, completions) or embed (embeddings).",
+                       choices=("generate", "embed"))
     model: str = option("", "Model directory, or NAME=DIR (default: the prepared default model).")
     worker_id: str = option("", "This worker's id in load reports (default: host:port).")
     max_model_len: int = option(0, "Context window cap (0: the model's own).")
     max_num_seqs: int = option(0, "Most sequences at once (0: 64 on CPUs, 256 on GPUs and for sim).")
     kv_cache_gb: float = option(0.0, "KV cache size in GiB (0: 4 on CPUs, vLLM's GPU memory utilization on GPUs).")
     enforce_eager: bool = option(False, "Run eagerly (no compiled graphs): faster start, slower steps.")
-    dtype: str = option("auto", "Weights' dtype (auto: the model's own).")
+    dtype: str = option("auto", "Weights' dtype (auto: the model's own; float32 for --task embed).")
     tensor_parallel_size: int = option(1, "GPUs per worker (tensor parallelism).")
     block_size: int = option(0, "KV block size in tokens (0: the engine's default; 16 for sim).")
     engine_stats: bool = option(False, "vllm: read load from vLLM's per-step scheduler statistics (exact, "
                                 "but costs engine CPU) instead of the worker's own accounting.")
     cpus: str = option("auto", "Cores of the worker's own threads and the engine's scheduling process: auto (on "
-                       "CPU engines, the cores the model's threads do not use), all (no pinning), or a list like "
-                       "1,3-4.")
+                       "CPU engines, the cores the model's threads do not use; no pinning for --task embed), all "
+                       "(no pinning), or a list like 1,3-4.")
     engine_cpus: str = option("", "vllm on CPUs: cores of the model's compute threads, like 0 or 0-2 (groups per "
                               "tensor-parallel rank separated by |; default vLLM's choice).")
     sim_ttft_ms: float = option(50.0, "sim: time to first token in ms (plus the per-prompt-token cost).")
@@ -78,14 +90,17 @@ class WorkerConfig(ServiceConfig):
     sim_fail_after_tokens: int = option(0, "sim: the engine dies after this many tokens (failure tests; 0: never).")
     sim_start_ms: float = option(0.0, "sim: how long the engine takes to start; until then, as vLLM's, it reports no "
                                  "window, capacity or block size.")
+    sim_embed_dim: int = option(0, "sim, --task embed: the vectors' length (0: the model's hidden size).")
+    sim_embed_ms: float = option(20.0, "sim, --task embed: the time of one batch in ms (plus the per-token cost).")
 
     def validate(self) -> list[str]:
         problems = super().validate()
         for name in ("max_model_len", "max_num_seqs", "block_size", "sim_kv_capacity_tokens",
-                     "sim_fail_after_tokens"):
+                     "sim_fail_after_tokens", "sim_embed_dim"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
-        for name in ("kv_cache_gb", "sim_ttft_ms", "sim_prompt_token_ms", "sim_itl_ms", "sim_start_ms"):
+        for name in ("kv_cache_gb", "sim_ttft_ms", "sim_prompt_token_ms", "sim_itl_ms", "sim_start_ms",
+                     "sim_embed_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         problems.extend(cpu_problems(self.cpus, self.engine_cpus))
@@ -118,7 +133,7 @@ def place_threads(config: WorkerConfig) -> None:
     """Keeps the worker's threads off the model's cores (see --cpus)."""
     from infermesh.common import cpus
 
-    if config.cpus == "all" or (config.cpus == "auto" and config.engine != "vllm"):
+    if config.cpus == "all" or (config.cpus == "auto" and (config.engine != "vllm" or config.task == "embed")):
         return
     placed = cpus.pin_tree(None if config.cpus == "auto" else cpus.parse(config.cpus))
     if placed is None:
@@ -149,15 +164,17 @@ def build_engine(config: WorkerConfig) -> Engine:
                              itl_ms=config.sim_itl_ms, max_num_seqs=config.max_num_seqs or 256,
                              kv_capacity_tokens=config.sim_kv_capacity_tokens,
                              block_size=config.block_size or 16, max_model_len=config.max_model_len,
-                             fail_after_tokens=config.sim_fail_after_tokens, start_ms=config.sim_start_ms)
+                             fail_after_tokens=config.sim_fail_after_tokens, start_ms=config.sim_start_ms,
+                             task=config.task, embed_dim=config.sim_embed_dim, embed_ms=config.sim_embed_ms)
         return SimEngine(name, path if path.is_dir() else None, options)
     from infermesh.gpu_worker.vllm_engine import VllmEngine, VllmOptions
 
+    dtype = "float32" if config.task == "embed" and config.dtype == "auto" else config.dtype
     return VllmEngine(name, path, VllmOptions(
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs, kv_cache_gb=config.kv_cache_gb,
-        enforce_eager=config.enforce_eager, dtype=config.dtype,
+        enforce_eager=config.enforce_eager, dtype=dtype,
         tensor_parallel_size=config.tensor_parallel_size, block_size=config.block_size,
-        engine_stats=config.engine_stats))
+        engine_stats=config.engine_stats, task=config.task))
 
 
 async def serve(config: WorkerConfig) -> int:
@@ -189,8 +206,8 @@ async def serve(config: WorkerConfig) -> int:
         service.engine_started()
         asyncio.create_task(watch_engine())
         info = engine.info
-        logger.info("engine %s ready: model %s, context %d, %d seqs, %d KV tokens", info.engine, info.model,
-                    info.max_model_len, info.max_num_seqs, info.kv_capacity_tokens)
+        logger.info("engine %s ready: model %s (%s), context %d, %d seqs, %d KV tokens", info.engine, info.model,
+                    info.task, info.max_model_len, info.max_num_seqs, info.kv_capacity_tokens)
 
     try:
         await server.serve(ready=ready)
@@ -200,5 +217,10 @@ async def serve(config: WorkerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    from infermesh.gpu_worker.catalog_model import expand
+
+    argv = expand(list(sys.argv[1:] if argv is None else argv))  # --catalog FILE --model NAME
     return run_service("worker", WorkerConfig, argv,
                        "A GPU worker: one engine (vLLM or simulated) streaming tokens over gRPC.", serve)

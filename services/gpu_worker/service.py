@@ -1,4 +1,4 @@
-"""The Worker gRPC servicer: validates, admits, streams engine deltas, reports load."""
+"""The Worker gRPC servicer: validates, admits, streams engine deltas (or embeds a batch), reports load."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from infermesh.common.context import current_request_id, deadline_of, seconds_left
-from infermesh.common.errors import DeadlineExceeded, EngineDead, InfermeshError, NotFound, Unavailable
+from infermesh.common.errors import DeadlineExceeded, EngineDead, InfermeshError, InvalidRequest, NotFound, Unavailable
 from infermesh.gpu_worker import metrics
 from infermesh.gpu_worker.deadlines import DeadlineTimer
 from infermesh.gpu_worker.engine import Delta, Engine
 from infermesh.gpu_worker.load import LoadTracker
-from infermesh.gpu_worker.validation import build_request
+from infermesh.gpu_worker.validation import build_embed_request, build_request
 from infermesh.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -45,25 +45,38 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         metrics.REFUSED.labels(model_name=self.info.model, code=exc.code.name).inc()
         return exc
 
-    async def Generate(self, request: worker_pb2.GenerateTokensRequest,
-                       context: Any) -> AsyncIterator[worker_pb2.GenerateTokensResponse]:
+    def _check_serving(self, model: str, task: str) -> None:
+        """Refuses a call this worker cannot take now (draining, starting, failed, another model or task)."""
         if self.tracker.draining:
             raise self._refuse(Unavailable("worker is draining; send the request elsewhere"))
         if not self.ready:
             raise self._refuse(Unavailable("the engine is starting"))
         if not self.engine.healthy():
             raise self._refuse(EngineDead("the engine has failed"))
-        if request.model and request.model != self.info.model:
-            raise self._refuse(NotFound(f"The model {request.model!r} does not exist (served: {self.info.model}).",
+        if model and model != self.info.model:
+            raise self._refuse(NotFound(f"The model {model!r} does not exist (served: {self.info.model}).",
                                         param="model"))
-        caller_id = request.context.request_id or current_request_id()
-        req = build_request(request, self.info, f"{caller_id}-{uuid.uuid4().hex[:8]}")
-        deadline = deadline_of(request.context)
+        if task != self.info.task:
+            does = "embeddings" if self.info.task == "embed" else "chat and completions"
+            raise self._refuse(InvalidRequest(f"the model {self.info.model!r} serves {does} only", param="model"))
+
+    def _deadline(self, ctx: common_pb2.RequestContext) -> tuple[float | None, float | None]:
+        """The request's deadline (unix seconds) and the seconds left until it (None: none); refused when it
+        passed before the request got here."""
+        deadline = deadline_of(ctx)
         left = None if deadline is None else seconds_left(deadline)
         if left is not None and left <= 0:
             metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
             raise self._refuse(DeadlineExceeded(f"the request's deadline passed {-left:.3g}s before it "
                                                 "reached the worker"))
+        return deadline, left
+
+    async def Generate(self, request: worker_pb2.GenerateTokensRequest,
+                       context: Any) -> AsyncIterator[worker_pb2.GenerateTokensResponse]:
+        self._check_serving(request.model, "generate")
+        caller_id = request.context.request_id or current_request_id()
+        req = build_request(request, self.info, f"{caller_id}-{uuid.uuid4().hex[:8]}")
+        deadline, left = self._deadline(request.context)
         try:
             held = self.tracker.hold(req, caller_id, request.lease_id)
         except InfermeshError as exc:
@@ -109,6 +122,33 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
             raise DeadlineExceeded("the request's deadline passed while it was generating; aborted in the engine")
 
+    async def Embed(self, request: worker_pb2.EmbedTokensRequest, context: Any) -> worker_pb2.EmbedTokensResponse:
+        self._check_serving(request.model, "embed")
+        caller_id = request.context.request_id or current_request_id()
+        req = build_embed_request(request, self.info, f"{caller_id}-{uuid.uuid4().hex[:8]}")
+        _, left = self._deadline(request.context)
+        try:
+            held = self.tracker.hold_embed(req, caller_id, request.lease_id)
+        except InfermeshError as exc:
+            raise self._refuse(exc) from None
+        observed = metrics.RequestMetrics(self.info.model, req.tokens)
+        finish = "abort"
+        try:
+            # A cancelled call (the caller went away, or its gRPC deadline) cancels this task, and with it
+            # the engine's requests; the request's own deadline does the same through the timeout.
+            async with asyncio.timeout(left):
+                vectors = await self.engine.embed(req)
+            finish = "stop"
+        except TimeoutError:
+            metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
+            raise DeadlineExceeded("the request's deadline passed while it was embedding; aborted in the engine") \
+                from None
+        finally:
+            self.tracker.release(held)
+            observed.on_finish(finish)
+        return worker_pb2.EmbedTokensResponse(
+            embeddings=[worker_pb2.EmbeddingVector(values=v) for v in vectors], prompt_tokens=req.tokens)
+
     def _ended(self, key: str) -> None:
         held = self.tracker.held.get(key)
         if held is not None:
@@ -126,7 +166,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WorkerInfo(worker_id=self.worker_id, model=i.model, max_model_len=i.max_model_len,
                                      engine=i.engine, simulated=i.simulated, max_num_seqs=i.max_num_seqs,
                                      kv_capacity_tokens=i.kv_capacity_tokens, block_size=i.block_size,
-                                     version=i.version)
+                                     version=i.version, task=i.task, embedding_dim=i.embedding_dim)
 
     def report(self, started: list[str], finished: list[str]) -> worker_pb2.LoadReport:
         load = self.engine.load()
@@ -137,7 +177,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kv_capacity_tokens=self.info.kv_capacity_tokens, max_num_seqs=self.info.max_num_seqs,
             committed_tokens=t.committed_tokens, prefix_cache_hit_rate=load.prefix_cache_hit_rate,
             draining=t.draining, leases_started=started, leases_finished=finished,
-            leases_active=t.leases_active(), max_model_len=self.info.max_model_len, block_size=self.info.block_size)
+            leases_active=t.leases_active(), max_model_len=self.info.max_model_len, block_size=self.info.block_size,
+            embedding_dim=self.info.embedding_dim)
 
     async def WatchLoad(self, request: worker_pb2.WatchLoadRequest,
                         context: Any) -> AsyncIterator[worker_pb2.LoadReport]:

@@ -17,15 +17,24 @@ model at. It is never the default and always says it is simulated.
   a choice as they would on a real model.
 - `fail_after_tokens` makes the engine die (for failure tests): in-flight
   streams fail with EngineDead and the worker exits non-zero.
+- The embed task (`task="embed"`): each request is one batch, which takes
+  `embed_ms` plus `prompt_token_ms` per input token; at most `max_num_seqs`
+  batches run at once, more wait. Each input's vector is a deterministic unit
+  vector of `embed_dim` numbers drawn from a hash of its token ids (the same
+  ids give the same vector on every worker; any change gives another). Input
+  tokens count towards `fail_after_tokens`: the batch that reaches it fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import random
 import re
+import struct
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +43,7 @@ from typing import Any
 from infermesh.common.errors import EngineDead
 from infermesh.gpu_worker.engine import (
     Delta,
+    EmbedRequest,
     Engine,
     EngineInfo,
     EngineLoad,
@@ -62,6 +72,9 @@ class SimOptions:
     # Start-up: like vLLM's, the engine knows its window, capacity and block size only once it has
     # started, which takes this long (a mesh whose workers are still loading).
     start_ms: float = 0.0
+    task: str = "generate"  # or "embed"
+    embed_dim: int = 0  # embed: the vectors' length (0: the model's hidden size, or 384 without a model)
+    embed_ms: float = 20.0  # embed: the time of one batch (plus prompt_token_ms per input token)
 
 
 @dataclass
@@ -70,6 +83,7 @@ class SimVocab:
     max_model_len: int
     eos_token_ids: list[int]
     words: list[int]
+    hidden_size: int = 384
 
 
 def read_vocab(model_dir: Path | None) -> SimVocab:
@@ -91,7 +105,15 @@ def read_vocab(model_dir: Path | None) -> SimVocab:
     eos = config.get("eos_token_id", [])
     eos_ids = [eos] if isinstance(eos, int) else [e for e in eos if isinstance(e, int)]
     window = int(config.get("max_position_embeddings") or 8192)
-    return SimVocab(size, window, eos_ids, words or list(range(min(1000, size), size)))
+    # A sentence-transformers model's own window (all-MiniLM-L6-v2: 256 of its 512 positions), as vLLM reads it.
+    sbert = model_dir / "sentence_bert_config.json"
+    if sbert.is_file():
+        try:
+            window = int(json.loads(sbert.read_text(encoding="utf-8")).get("max_seq_length") or window)
+        except (OSError, ValueError):
+            pass
+    return SimVocab(size, window, eos_ids, words or list(range(min(1000, size), size)),
+                    hidden_size=int(config.get("hidden_size") or 384))
 
 
 class _Seq:
@@ -108,14 +130,16 @@ class SimEngine(Engine):
         self.options = options
         self.vocab = read_vocab(model_dir)
         window = options.max_model_len or self.vocab.max_model_len
+        embedding_dim = (options.embed_dim or self.vocab.hidden_size) if options.task == "embed" else 0
         self._started_info = EngineInfo(engine="sim", model=model, max_model_len=window,
                                         vocab_size=self.vocab.vocab_size, max_num_seqs=options.max_num_seqs,
                                         kv_capacity_tokens=options.kv_capacity_tokens,
                                         block_size=options.block_size, eos_token_ids=self.vocab.eos_token_ids,
-                                        simulated=True, version="sim")
+                                        simulated=True, version="sim", task=options.task,
+                                        embedding_dim=embedding_dim)
         self.info = self._started_info if not options.start_ms else EngineInfo(
             engine="sim", model=model, max_model_len=0, vocab_size=0, max_num_seqs=0, kv_capacity_tokens=0,
-            block_size=0, simulated=True, version="sim")
+            block_size=0, simulated=True, version="sim", task=options.task)
         self.cache = PrefixCache(options.kv_capacity_tokens // options.block_size,
                                  block_size=options.block_size)
         self._seqs: dict[str, _Seq] = {}
@@ -181,6 +205,23 @@ class SimEngine(Engine):
             if admitted:
                 await self._release(request.n)
 
+    async def embed(self, request: EmbedRequest) -> list[list[float]]:
+        if self._dead:
+            raise EngineDead("the simulated engine has failed")
+        await self._admit(1)
+        try:
+            await asyncio.sleep((self.options.embed_ms + self.options.prompt_token_ms * request.tokens) / 1000)
+            if self._dead:
+                raise EngineDead("the simulated engine has failed")
+            self._generated += request.tokens
+            if self.options.fail_after_tokens and self._generated >= self.options.fail_after_tokens:
+                self._dead = True
+                logger.error("simulated engine failure after %d tokens", self._generated)
+                raise EngineDead("the simulated engine has failed")
+            return [sim_vector(ids, self.info.embedding_dim) for ids in request.inputs]
+        finally:
+            await self._release(1)
+
     async def _run(self, seq: _Seq) -> AsyncIterator[Delta]:
         req = seq.request
         loop = asyncio.get_running_loop()
@@ -240,3 +281,12 @@ class SimEngine(Engine):
         if finish is None and end >= req.max_tokens:
             finish = "length"
         return Delta(index=index, token_ids=ids, logprobs=logprobs, finish_reason=finish, stop_token_id=stop_id)
+
+
+def sim_vector(ids: list[int], dim: int) -> list[float]:
+    """A unit vector of `dim` numbers drawn from a hash of the token ids (the same ids, the same vector)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(ids)}I", *ids), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "little"))
+    values = [rng.gauss(0.0, 1.0) for _ in range(dim)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]

@@ -10,8 +10,15 @@ numbers, never prompt text.
 from __future__ import annotations
 
 from infermesh.common.errors import InvalidRequest
-from infermesh.common.limits import check_context, check_sampling, check_vocab
-from infermesh.gpu_worker.engine import EngineInfo, GenerateRequest
+from infermesh.common.limits import (
+    check_context,
+    check_embed_count,
+    check_embed_dimensions,
+    check_embed_inputs,
+    check_sampling,
+    check_vocab,
+)
+from infermesh.gpu_worker.engine import EmbedRequest, EngineInfo, GenerateRequest
 from infermesh.v1 import worker_pb2
 
 
@@ -39,3 +46,15 @@ def build_request(msg: worker_pb2.GenerateTokensRequest, info: EngineInfo, reque
         seed=s.seed if s.HasField("seed") else None, stop_token_ids=list(s.stop_token_ids),
         min_tokens=min_tokens, logprobs=s.logprobs if s.HasField("logprobs") else None, ignore_eos=s.ignore_eos,
         resumed_tokens=len(generated))
+
+
+def build_embed_request(msg: worker_pb2.EmbedTokensRequest, info: EngineInfo, request_id: str) -> EmbedRequest:
+    """The same rules the frontend applied to the inputs (count, vocabulary, window, dimensions)."""
+    inputs = [list(item.ids) for item in msg.inputs]
+    check_embed_count(len(inputs), "inputs")
+    for ids in inputs:
+        if ids and (min(ids) < 0 or max(ids) >= info.vocab_size):
+            check_vocab(ids, info.vocab_size, "inputs")
+    check_embed_inputs([len(ids) for ids in inputs], info.max_model_len, "inputs")
+    check_embed_dimensions(msg.dimensions, info.embedding_dim)
+    return EmbedRequest(request_id=request_id, inputs=inputs)

@@ -14,10 +14,18 @@ scheduler statistics instead (exact counts and block usage), through a stat
 logger of our own; that turns on vLLM's per-step statistics, which cost the
 engine process about a fifth of a core on a 2-core machine (measured with the
 worker benchmark), so it is off by default.
+
+The embed task runs vLLM's pooling runner (`runner="pooling"`, the model's own
+pooler: mean pooling and normalisation for sentence-transformers models) and
+`AsyncLLM.encode` per input, every input of a batch at once; prefix caching
+stays off (vLLM's encoder-only models have no KV cache to share). An embed
+worker holds up to `max_num_seqs` requests and `MAX_EMBED_TOKENS` input tokens
+(or the engine's KV tokens, if more), so any one valid request fits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import deque
@@ -27,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from infermesh.common.errors import EngineDead
+from infermesh.common.limits import MAX_EMBED_TOKENS
 from infermesh.gpu_worker.engine import (
     Delta,
+    EmbedRequest,
     Engine,
     EngineInfo,
     EngineLoad,
@@ -52,6 +62,7 @@ class VllmOptions:
     tensor_parallel_size: int = 1
     block_size: int = 0
     engine_stats: bool = False
+    task: str = "generate"  # or "embed" (vLLM's pooling runner)
 
 
 @dataclass(eq=False)
@@ -110,7 +121,7 @@ class VllmEngine(Engine):
         self._reqs: dict[str, _InEngine] = {}
         self._recent: deque[tuple[int, int]] = deque(maxlen=1000)  # (prompt, cached) per request
         self.info = EngineInfo(engine="vllm", model=model, max_model_len=0, vocab_size=0, max_num_seqs=0,
-                               kv_capacity_tokens=0, block_size=0)
+                               kv_capacity_tokens=0, block_size=0, task=options.task)
 
     def engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -121,7 +132,11 @@ class VllmEngine(Engine):
             model=str(self.model_dir), served_model_name=self.model, dtype=o.dtype,
             enforce_eager=o.enforce_eager, tensor_parallel_size=o.tensor_parallel_size,
             max_num_seqs=o.max_num_seqs or (256 if gpu else CPU_DEFAULT_MAX_NUM_SEQS),
-            disable_log_stats=True, enable_prefix_caching=True)
+            disable_log_stats=True)
+        if o.task == "embed":
+            kwargs["runner"] = "pooling"
+        else:
+            kwargs["enable_prefix_caching"] = True
         if o.max_model_len:
             kwargs["max_model_len"] = o.max_model_len
         if o.block_size:
@@ -147,17 +162,23 @@ class VllmEngine(Engine):
         eos_ids = {e for e in (eos, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])) if isinstance(e, int)}
         import vllm
 
+        kv_tokens = int((cache.num_gpu_blocks or 0) * cache.block_size)
+        embed = self.options.task == "embed"
         self.info = EngineInfo(
             engine="vllm", model=self.model, max_model_len=config.model_config.max_model_len,
             vocab_size=int(config.model_config.get_vocab_size() or hf.vocab_size),
             max_num_seqs=config.scheduler_config.max_num_seqs,
-            kv_capacity_tokens=int((cache.num_gpu_blocks or 0) * cache.block_size),
-            block_size=cache.block_size, eos_token_ids=sorted(eos_ids), version=vllm.__version__)
+            kv_capacity_tokens=max(kv_tokens, MAX_EMBED_TOKENS) if embed else kv_tokens,
+            block_size=cache.block_size, eos_token_ids=sorted(eos_ids), version=vllm.__version__,
+            task=self.options.task, embedding_dim=int(config.model_config.embedding_size) if embed else 0)
         await self._warm_up()
 
     async def _warm_up(self) -> None:
-        request = GenerateRequest("warm-up", [self.info.eos_token_ids[0] if self.info.eos_token_ids else 1],
-                                  max_tokens=2, temperature=0, ignore_eos=True)
+        first = self.info.eos_token_ids[0] if self.info.eos_token_ids else 1
+        if self.options.task == "embed":
+            await self.embed(EmbedRequest("warm-up", [[first]]))
+            return
+        request = GenerateRequest("warm-up", [first], max_tokens=2, temperature=0, ignore_eos=True)
         async for _ in self.generate(request):
             pass
 
@@ -251,6 +272,37 @@ class VllmEngine(Engine):
             if len(finished) < request.n and self.healthy():
                 await self.llm.abort(rid)
             self._reqs.pop(rid, None)
+
+    async def embed(self, request: EmbedRequest) -> list[list[float]]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if not self.healthy():
+            raise EngineDead("the engine has failed")
+        rid = request.request_id
+        self._reqs[rid] = _InEngine(1, request.tokens, running=True)
+        tasks = [asyncio.ensure_future(self._embed_one(f"{rid}-{i}", ids)) for i, ids in enumerate(request.inputs)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except EngineDeadError as exc:
+            raise EngineDead("the engine has failed") from exc
+        finally:
+            for task in tasks:  # one input failed, or the caller went away: the others stop too
+                if not task.done():
+                    task.cancel()
+            self._reqs.pop(rid, None)
+
+    async def _embed_one(self, rid: str, ids: list[int]) -> list[float]:
+        """One input through the pooler; cancelling it aborts it in the engine (AsyncLLM.encode's own cleanup)."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        last = None
+        async for out in self.llm.encode(TokensPrompt(prompt_token_ids=ids), PoolingParams(task="embed"), rid):
+            last = out
+        if last is None:
+            raise EngineDead("the engine ended an embedding without output")
+        values: list[float] = last.outputs.data.tolist()
+        return values
 
     def _delta(self, c: Any, cached: int, want_logprobs: int | None) -> Delta:
         ids = list(c.token_ids)

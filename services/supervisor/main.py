@@ -205,10 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else infermesh_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    placement = mesh.cpu_plan(config.engine, workers, worker_args) if config.cpu_placement else None
+    placed = [m.task == "generate" for m in catalog.models for _ in range(m.workers)] if catalog else [True] * workers
+    placement = mesh.cpu_plan(config.engine, sum(placed), worker_args) if config.cpu_placement and any(placed) else None
     if placement is not None:
+        indices = [i for i, p in enumerate(placed) if p]
         _say("CPU placement: " + "; ".join(f"worker-{i} model on cores {cpus.to_text(g)}"
-                                           for i, g in enumerate(placement.workers)) +
+                                           for i, g in zip(indices, placement.workers, strict=True)) +
              (f"; everything else on {cpus.to_text(placement.serving)}" if placement.serving
               else "; no core left over, the rest is not pinned"))
     builder = mesh.MeshBuilder(plan, host=config.host, log_dir=log_dir, engine=config.engine, model=model,

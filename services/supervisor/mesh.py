@@ -99,11 +99,20 @@ class MeshBuilder:
             return argv
         return [sys.executable, "-m", "infermesh.common.cpus", "--cpus", cpus.to_text(serving), "--", *argv]
 
+    def placed_workers(self) -> list[int]:
+        """The workers whose engines get cores of their own: the generate ones (an embed worker's pooling
+        runner serves more requests unpinned: bench/embeddings_bench.py)."""
+        if self.catalog is None:
+            return list(range(len(self.plan.workers)))
+        tasks = [m.task for m in self.catalog.models for _ in range(m.workers)]
+        return [i for i, task in enumerate(tasks) if task == "generate"]
+
     def _worker_cpus(self, index: int) -> list[str]:
-        if self.placement is None:
+        placed = self.placed_workers()
+        if self.placement is None or index not in placed:
             return []
         serving = self.placement.serving
-        return ["--engine-cpus", cpus.to_text(self.placement.workers[index]),
+        return ["--engine-cpus", cpus.to_text(self.placement.workers[placed.index(index)]),
                 "--cpus", cpus.to_text(serving) if serving else "all"]
 
     def _service(self, name: str, tier: str, command: Sequence[str], ready: readiness.Check,

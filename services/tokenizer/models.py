@@ -102,6 +102,11 @@ class ModelTokenizer:
             raise FileNotFoundError(f"{path} has no tokenizer.json (not a Hugging Face model directory?)")
         raw = (path / "tokenizer.json").read_bytes()
         tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+        # A tokenizer.json may carry the truncation and padding its model was trained with (all-MiniLM-L6-v2's:
+        # truncate at 128, pad to 128). Encoding here gives a text's own ids, as `transformers` does unless asked
+        # otherwise: the context window is checked by the frontend, and truncation is the caller's to ask for.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         config = _read_json(path / "config.json")
         tok_config = _read_json(path / "tokenizer_config.json")
         special: dict[str, Any] = {k: t for k in _SPECIAL_KEYS if (t := _token_text(tok_config.get(k))) is not None}

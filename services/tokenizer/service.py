@@ -94,7 +94,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: Any) -> tokenizer_pb2.EncodeResponse:
         with observe_call(REQUESTS, SECONDS, "Encode"):
             model = self._model(request.model)
-            items = await self._run(model.encode_batch, list(request.texts), request.add_special_tokens)
+            texts = list(request.texts)
+            # Short batches (an embeddings request of a few sentences) on the event loop, as short prompts.
+            items = await self._run(model.encode_batch, texts, request.add_special_tokens,
+                                    inline=sum(len(t) for t in texts) <= INLINE_CHARS)
             return tokenizer_pb2.EncodeResponse(items=[common_pb2.TokenIds(ids=ids) for ids in items])
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: Any) -> tokenizer_pb2.DecodeResponse:

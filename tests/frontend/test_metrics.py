@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 def test_precreate_makes_routes_methods_and_retry_reasons() -> None:
     metrics.precreate(["/precreated"])
     assert REGISTRY.get_sample_value("infermesh_http_requests_total", {"route": "/precreated", "code": "200"}) == 0
-    assert metrics.GRPC_METHODS == ("Generate", "ListModels")
+    assert metrics.GRPC_METHODS == ("Generate", "ListModels", "Embed")
     for method in metrics.GRPC_METHODS:
         assert REGISTRY.get_sample_value("infermesh_frontend_grpc_requests_total",
                                          {"method": method, "code": "OK"}) is not None

@@ -1,0 +1,1 @@
+"""The embeddings endpoint: `protocol.py` (request model), `serving.py` (the response body), `router.py`."""
