@@ -23,6 +23,10 @@ DEFAULT_INTERVAL_MS = 100
 MIN_INTERVAL_MS = 10
 
 
+# How close to its deadline a cancelled call counts as ended by the deadline (see Generate).
+CANCEL_SLACK = 0.1
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, worker_id: str) -> None:
         self.engine = engine
@@ -103,8 +107,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 yield _to_proto(delta, prompt_tokens)
         except asyncio.CancelledError:
             if timer is None or not timer.forced:
-                if deadline is not None and seconds_left(deadline) <= 0:
+                if deadline is not None and seconds_left(deadline) <= CANCEL_SLACK:
                     # The caller's gRPC deadline (the same one) cancelled the call first: count it all the same.
+                    # Its cancellation may reach us a hair before our clock reads the deadline (the caller
+                    # turned the deadline into a timeout earlier): a call cancelled that close is its deadline.
                     metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
                 raise
             # The engine did not end the stream after the deadline's abort: the timer cancelled us.
