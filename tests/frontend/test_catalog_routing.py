@@ -262,8 +262,9 @@ def test_the_model_list_has_every_model_alias_and_route() -> None:
     cards = [common_pb2.ModelCard(id="small", max_model_len=2048, created=7, block_size=16, task="generate")]
     listed = {c.id: model_json(c) for c in model_list(catalog, cards)}
     assert set(listed) == {"small", "chat-small", "large", "chat-large", "embedder", "auto"}
-    assert listed["small"] | {} == {**listed["small"], "root": "small", "parent": None, "kind": "model",
-                                    "task": "generate", "tier": "cheap", "ready": True, "max_model_len": 2048}
+    expected = {"root": "small", "parent": None, "kind": "model", "task": "generate", "tier": "cheap",
+                "ready": True, "max_model_len": 2048}
+    assert {k: listed["small"][k] for k in expected} == expected
     assert listed["chat-small"]["parent"] == "small" and listed["chat-small"]["kind"] == "alias"
     assert listed["chat-small"]["ready"] is True and listed["chat-large"]["ready"] is False
     assert listed["large"]["ready"] is False and listed["large"]["tier"] == "standard"

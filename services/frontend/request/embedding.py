@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,7 +48,7 @@ from infermesh.common.limits import (
 from infermesh.frontend import metrics
 from infermesh.frontend.request.attempts import MAX_ATTEMPTS
 from infermesh.frontend.request.detokenizer import TokenizerModel
-from infermesh.frontend.request.interfaces import ModelFacts
+from infermesh.frontend.request.interfaces import CallerContext, ModelFacts
 from infermesh.v1 import common_pb2, scheduler_pb2, tokenizer_pb2, worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class EmbedBackends(Protocol):
 
 
 @dataclass
-class EmbedParams:
+class EmbedParams(CallerContext):
     """One embeddings request, as the APIs parsed it (`model`: the model the scheduler knows, aliases resolved)."""
 
     model: str
@@ -88,16 +87,6 @@ class EmbedParams:
     truncate_prompt_tokens: int | None = None
     truncation_side: str = "right"
     param: str = "input"  # the API's name of the inputs, for its errors
-
-    def time_left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.time()
-
-    def context(self) -> common_pb2.RequestContext:
-        ctx = common_pb2.RequestContext(request_id=self.request_id, tenant=self.tenant,
-                                       priority=common_pb2.Priority.ValueType(self.priority))
-        if self.deadline is not None:
-            ctx.deadline.FromNanoseconds(int(self.deadline * 1e9))
-        return ctx
 
 
 @dataclass

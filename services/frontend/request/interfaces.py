@@ -4,12 +4,34 @@ implements over gRPC and the unit tests fake in-process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from infermesh.frontend.request.detokenizer import TokenizerModel
-from infermesh.v1 import scheduler_pb2, tokenizer_pb2, worker_pb2
+from infermesh.v1 import common_pb2, scheduler_pb2, tokenizer_pb2, worker_pb2
+
+
+class CallerContext:
+    """What a request carries of its caller (its id, tenant, priority and deadline), as every call it makes
+    passes it on; a base of the request path's request dataclasses (a plain class: it adds no fields)."""
+
+    request_id: str
+    tenant: str
+    priority: int
+    deadline: float | None  # unix seconds
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (None: none)."""
+        return None if self.deadline is None else self.deadline - time.time()
+
+    def context(self) -> common_pb2.RequestContext:
+        ctx = common_pb2.RequestContext(request_id=self.request_id, tenant=self.tenant,
+                                       priority=common_pb2.Priority.ValueType(self.priority))
+        if self.deadline is not None:
+            ctx.deadline.FromNanoseconds(int(self.deadline * 1e9))
+        return ctx
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from infermesh.common.limits import check_context, check_sampling, check_vocab
 from infermesh.common.prefix import DEFAULT_BLOCK_SIZE, block_hashes, cache_salt
 from infermesh.frontend import metrics
 from infermesh.frontend.request.detokenizer import TokenizerModel
-from infermesh.frontend.request.interfaces import RequestBackends
+from infermesh.frontend.request.interfaces import CallerContext, RequestBackends
 from infermesh.v1 import common_pb2, tokenizer_pb2
 
 
 @dataclass
-class PreparedRequest:
+class PreparedRequest(CallerContext):
     """Everything the worker side of a request needs."""
 
     request_id: str
@@ -42,17 +42,6 @@ class PreparedRequest:
     @property
     def n(self) -> int:
         return self.sampling.n or 1
-
-    def time_left(self) -> float | None:
-        """Seconds until the deadline (None: none)."""
-        return None if self.deadline is None else self.deadline - time.time()
-
-    def context(self) -> common_pb2.RequestContext:
-        ctx = common_pb2.RequestContext(request_id=self.request_id, tenant=self.tenant,
-                                       priority=common_pb2.Priority.ValueType(self.priority))
-        if self.deadline is not None:
-            ctx.deadline.FromNanoseconds(int(self.deadline * 1e9))
-        return ctx
 
 
 async def prepare(backends: RequestBackends, *, request_id: str, model: str, sampling: common_pb2.SamplingParams,
