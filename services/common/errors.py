@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import grpc
 
 RETRY_AFTER_KEY = "retry-after-ms"
+# The parameter a client error names (OpenAI's `param`), carried between services as trailing metadata.
+PARAM_KEY = "error-param"
 
 
 class InfermeshError(Exception):
@@ -254,6 +256,8 @@ def to_status(exc: BaseException, *, public: bool = False) -> tuple[grpc.StatusC
     trailers: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, Overloaded) and exc.retry_after is not None:
         trailers = ((RETRY_AFTER_KEY, str(max(0, round(exc.retry_after * 1000)))),)
+    if exc.param and exc.http_status < 500:
+        trailers += ((PARAM_KEY, exc.param),)
     return exc.grpc_code, details, trailers
 
 
@@ -262,21 +266,29 @@ def from_rpc_error(err: grpc.RpcError) -> InfermeshError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(code)
     cls = _BY_CODE.get(code, InternalError)
+    param = _trailer(err, PARAM_KEY)
     if issubclass(cls, Overloaded):
-        return cls(details, retry_after=retry_after_of(err))
-    return cls(details)
+        return cls(details, retry_after=retry_after_of(err), param=param)
+    return cls(details, param=param)
+
+
+def _trailer(err: grpc.RpcError, name: str) -> str | None:
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == name:
+            return str(value)
+    return None
 
 
 def retry_after_of(err: grpc.RpcError) -> float | None:
     """The `retry-after-ms` hint a refusal carries, in seconds."""
-    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    for key, value in trailers or ():
-        if key == RETRY_AFTER_KEY:
-            try:
-                return int(value) / 1000
-            except ValueError:
-                return None
-    return None
+    value = _trailer(err, RETRY_AFTER_KEY)
+    if value is None:
+        return None
+    try:
+        return int(value) / 1000
+    except ValueError:
+        return None
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
 from infermesh.frontend.models.listing import model_list
+from infermesh.frontend.request.constraints import ToolPlan
 from infermesh.frontend.request.embedding import EmbedParams, embed
 from infermesh.frontend.request.generation import ServingOptions, start_generation
 from infermesh.frontend.request.targets import ModelTargets
+from infermesh.frontend.request.tool_calls import ToolCallParser, finish_reason
 from infermesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -45,7 +47,17 @@ def _route_facts(request: inference_pb2.GenerateRequest, context: Any) -> Reques
     users = [m.content for m in request.messages if m.role == "user"]
     if request.HasField("prompt"):
         users.append(request.prompt)
-    return RequestFacts(turns=len(users), text="\n".join(users), tier=tier)
+    return RequestFacts(turns=len(users), text="\n".join(users), tier=tier, tools=bool(request.tools),
+                        response_format=request.sampling.HasField("structured"))
+
+
+def _tool_plan(request: inference_pb2.GenerateRequest) -> ToolPlan:
+    """The call's tools and output constraint, checked as the HTTP API's are."""
+    if request.tools and request.HasField("prompt"):
+        raise InvalidRequest("tools are for chats (messages), not prompts", param="tools")
+    return ToolPlan.of(request.tools, request.tool_choice if request.HasField("tool_choice") else None,
+                       request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None,
+                       request.sampling.structured if request.sampling.HasField("structured") else None)
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -74,15 +86,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             has_prompt = request.HasField("prompt")
             if has_prompt == bool(request.messages):
                 raise InvalidRequest("send exactly one of messages or prompt", param="messages")
+            plan = _tool_plan(request)
             gen = await start_generation(
-                self.backends, self.options, request_id=request_id, model=request.model, sampling=request.sampling,
-                tenant=tenant, priority=int(request.priority), messages=request.messages,
-                prompt=request.prompt if has_prompt else None, deadline=_deadline(context), targets=self.targets,
-                facts=_route_facts(request, context))
+                self.backends, self.options, request_id=request_id, model=request.model,
+                sampling=plan.sampling(request.sampling), tenant=tenant, priority=int(request.priority),
+                messages=request.messages, prompt=request.prompt if has_prompt else None, deadline=_deadline(context),
+                targets=self.targets, facts=_route_facts(request, context), tools=plan.render)
         except InfermeshError as exc:
             metrics.GRPC_REQUESTS.labels(method="Generate", code=exc.code.name).inc()
             raise
         output = gen.output
+        parsers = {i: ToolCallParser() for i in range(len(output.choices))} if plan.parse_calls else None
         active = metrics.ACTIVE_GRPC
         active.inc()
         try:
@@ -95,9 +109,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 usage = common_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                          total_tokens=u.total_tokens, cached_tokens=u.cached_tokens)
                 for d in deltas:
+                    text, reason, calls = d.text, d.finish_reason, []
+                    if parsers is not None:
+                        parser = parsers[d.index]
+                        text, parsed = parser.feed(d.text)
+                        if reason:
+                            text += parser.finish()
+                            reason = finish_reason(reason, parser.calls)
+                        calls = [common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in parsed]
                     yield inference_pb2.GenerateResponse(
-                        id=request_id, index=d.index, text=d.text, token_ids=d.token_ids,
-                        finish_reason=d.finish_reason, logprobs=d.logprobs, model=gen.model, usage=usage)
+                        id=request_id, index=d.index, text=text, token_ids=d.token_ids, finish_reason=reason,
+                        logprobs=d.logprobs, model=gen.model, usage=usage, tool_calls=calls)
             if output.error is not None:
                 code = output.error.code.name
                 raise output.error

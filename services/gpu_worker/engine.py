@@ -15,6 +15,9 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
+
+from infermesh.v1 import common_pb2
 
 
 @dataclass
@@ -56,8 +59,12 @@ class GenerateRequest:
     logprobs: int | None = None
     ignore_eos: bool = False
     # Ids generated elsewhere before a resume (already part of prompt_ids); they
-    # count for penalties and min_tokens like tokens generated here.
+    # count for penalties and min_tokens like tokens generated here, and a
+    # constrained output's grammar is advanced over them.
     resumed_tokens: int = 0
+    # The output's constraint (None: free text), and what the engine made of it in `validate`.
+    structured: common_pb2.StructuredOutput | None = None
+    constraint: dict[str, Any] | None = None
 
 
 @dataclass
@@ -107,6 +114,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def start(self) -> None:
         """Loads the model; returns when the engine can take requests."""
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Refuses (InvalidRequest) what this engine cannot do for a request, before it is admitted: an
+        output constraint its backend cannot compile, above all."""
+        return None
 
     @abc.abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta, None]:

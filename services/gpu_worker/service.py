@@ -80,6 +80,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._check_serving(request.model, "generate")
         caller_id = request.context.request_id or current_request_id()
         req = build_request(request, self.info, f"{caller_id}-{uuid.uuid4().hex[:8]}")
+        self.engine.validate(req)
         deadline, left = self._deadline(request.context)
         try:
             held = self.tracker.hold(req, caller_id, request.lease_id)
@@ -97,6 +98,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             left, lambda: asyncio.ensure_future(self.engine.abort(held.key)), asyncio.current_task())
         expired = False
         try:
+            if req.structured is not None:
+                # The constraint compiled: say so at once (the frontend commits a stream's HTTP status on it,
+                # so that a constraint the engine refuses is a 400, never an error inside a 200 stream).
+                yield worker_pb2.GenerateTokensResponse(index=0, prompt_tokens=prompt_tokens)
             async for delta in stream:
                 observed.on_delta(delta)
                 if delta.finish_reason:

@@ -45,7 +45,7 @@ def build_request(msg: worker_pb2.GenerateTokensRequest, info: EngineInfo, reque
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         seed=s.seed if s.HasField("seed") else None, stop_token_ids=list(s.stop_token_ids),
         min_tokens=min_tokens, logprobs=s.logprobs if s.HasField("logprobs") else None, ignore_eos=s.ignore_eos,
-        resumed_tokens=len(generated))
+        resumed_tokens=len(generated), structured=s.structured if s.HasField("structured") else None)
 
 
 def build_embed_request(msg: worker_pb2.EmbedTokensRequest, info: EngineInfo, request_id: str) -> EmbedRequest:

@@ -28,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infermesh.common.errors import EngineDead
+from infermesh.common.errors import EngineDead, InvalidRequest
 from infermesh.common.limits import MAX_EMBED_TOKENS
 from infermesh.gpu_worker.engine import (
     Delta,
@@ -45,10 +46,12 @@ from infermesh.gpu_worker.engine import (
     GenerateRequest,
     TokenLogprobs,
 )
+from infermesh.gpu_worker.structured import vllm_fields
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_GB = 4
+STRUCTURED_BACKEND = "xgrammar"
 CPU_DEFAULT_MAX_NUM_SEQS = 64
 
 
@@ -137,6 +140,16 @@ class VllmEngine(Engine):
             kwargs["runner"] = "pooling"
         else:
             kwargs["enable_prefix_caching"] = True
+            # A resumed constrained request's grammar replays the tokens produced elsewhere (grammar_replay.py).
+            from infermesh.gpu_worker.grammar_replay import QUALNAME
+
+            kwargs["logits_processors"] = [QUALNAME]
+            # One structured-output backend for every request, first attempts and resumed ones alike (vLLM
+            # builds one backend per engine, from its first constrained request: "auto" could validate a
+            # request for one backend and compile it with another).
+            from vllm.config import StructuredOutputsConfig
+
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(backend=STRUCTURED_BACKEND)
         if o.max_model_len:
             kwargs["max_model_len"] = o.max_model_len
         if o.block_size:
@@ -223,17 +236,44 @@ class VllmEngine(Engine):
         await self.llm.abort(request_id)
         return True
 
+    def validate(self, request: GenerateRequest) -> None:
+        """An output constraint as vLLM's structured-output backend compiles it (the same checks its own
+        server makes): InvalidRequest naming the constraint's parameter when it cannot."""
+        if request.structured is None:
+            return
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+        param = request.structured.param or "response_format"
+        fields = vllm_fields(request.structured)
+        config = self.llm.vllm_config
+        try:
+            params = SamplingParams(structured_outputs=StructuredOutputsParams(**fields))
+            params._validate_structured_outputs(config.model_config, config.structured_outputs_config,
+                                                self.llm.get_tokenizer())
+        except (ValueError, TypeError, VLLMValidationError) as exc:
+            raise InvalidRequest(f"{param}: {_first_line(exc)}", param=param) from None
+        request.constraint = fields
+
     def sampling_params(self, r: GenerateRequest) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        constraint: dict[str, Any] = {}
+        if r.constraint is not None:
+            if r.resumed_tokens:
+                from infermesh.gpu_worker.grammar_replay import extra_args
+
+                constraint["extra_args"] = extra_args(r.constraint, r.resumed_tokens)
+            else:
+                constraint["structured_outputs"] = StructuredOutputsParams(**r.constraint)
         return SamplingParams(
             n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or -1, min_p=r.min_p, seed=r.seed,
             presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
             repetition_penalty=r.repetition_penalty, stop_token_ids=list(r.stop_token_ids),
             min_tokens=max(0, r.min_tokens - r.resumed_tokens), max_tokens=r.max_tokens, logprobs=r.logprobs,
             ignore_eos=r.ignore_eos, detokenize=False, skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA)
+            output_kind=RequestOutputKind.DELTA, **constraint)
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[Delta, None]:
         from vllm.inputs import TokensPrompt
@@ -329,3 +369,9 @@ class VllmEngine(Engine):
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line, without the native library's "[time] file.cc:line: " prefixes."""
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(exc)).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from infermesh.common.errors import InvalidRequest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -60,6 +61,9 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         self.template = env.from_string(source)
         self.special_tokens = dict(special_tokens)
+        # Whether the template shows tools itself (it reads the `tools` variable); if not, the mesh's
+        # tool prompt (tool_prompt.py) does.
+        self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:

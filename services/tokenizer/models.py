@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from infermesh.common.errors import InvalidRequest, NotFound
+from infermesh.tokenizer import tool_prompt
 from infermesh.tokenizer.chat_template import ChatTemplate
 from tokenizers import Tokenizer
 
@@ -131,7 +132,9 @@ class ModelTokenizer:
                    chunked=_chunk_safe(json.loads(raw)))
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    parallel: bool = True) -> list[int]:
+                    parallel: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """A conversation's prompt ids; `tools` (OpenAI's `{"type": "function", "function": ...}` objects) are
+        shown through the template when it takes them, else through the mesh's tool prompt."""
         if not messages:
             raise InvalidRequest("messages must not be empty", param="messages")
         for i, message in enumerate(messages):
@@ -142,7 +145,12 @@ class ModelTokenizer:
         if self.chat_template is None:
             raise InvalidRequest(f"the model {self.name} has no chat template; send a prompt instead",
                                  param="messages")
-        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        template = self.chat_template
+        # Without tools (and earlier calls) a conversation renders as transformers renders it, `tool` turns too.
+        uses_tools = bool(tools) or any(m.get("tool_calls") for m in messages)
+        if uses_tools and not template.takes_tools:
+            messages, tools = tool_prompt.rewrite(messages, tools or []), None
+        text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools or None)
         return self.encode(text, add_special_tokens=False, parallel=parallel)
 
     def encode(self, text: str, add_special_tokens: bool, parallel: bool = True) -> list[int]:

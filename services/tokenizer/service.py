@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -82,9 +83,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 if not request.messages:
                     raise InvalidRequest("messages must not be empty", param="messages")
                 messages = [_message_dict(m) for m in request.messages]
+                tools = [_tool_dict(t) for t in request.tools]
                 add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-                short = sum(len(m["content"]) for m in messages) <= INLINE_CHARS
-                ids = await self._run(model.render_chat, messages, add_gen, self.idle_cores, inline=short)
+                short = not tools and sum(len(m["content"]) for m in messages) <= INLINE_CHARS
+                ids = await self._run(model.render_chat, messages, add_gen, self.idle_cores, tools, inline=short)
             counter = self._tokens.get(model.name)
             if counter is None:  # a model the catalog added after the start
                 counter = self._tokens[model.name] = TOKENS.labels(model=model.name)
@@ -126,7 +128,30 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
 
 
 def _message_dict(message: common_pb2.ChatMessage) -> dict[str, Any]:
+    """A message as chat templates read it (transformers' convention: a call's arguments as an object)."""
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.HasField("name"):
         out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}}
+                             for c in message.tool_calls]
+    if message.HasField("tool_call_id"):
+        out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _tool_dict(tool: common_pb2.Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    function["parameters"] = _json_or_text(tool.parameters) if tool.parameters else {"type": "object",
+                                                                                       "properties": {}}
+    return {"type": "function", "function": function}
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

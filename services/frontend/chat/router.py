@@ -19,14 +19,15 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def chat(request: Request) -> Any:
         caller = await serving.caller(request)
         req = parse(ChatCompletionRequest, caller.body)
+        plan = req.tool_plan()
         gen = await start_generation(
             ctx.request_backends, ctx.options, request_id=caller.request_id, model=req.model,
-            sampling=req.to_sampling(), tenant=caller.tenant, priority=req.priority_value,
+            sampling=plan.sampling(req.to_sampling()), tenant=caller.tenant, priority=req.priority_value,
             messages=req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
             params=req.sampling_params(), deadline=caller.deadline, targets=ctx.targets,
-            facts=req.route_facts(caller.tier))
+            facts=req.route_facts(caller.tier), tools=plan.render)
         fmt = ChatFormat("chatcmpl-" + caller.request_id, now(), gen.model, gen.prepared.tokenizer,
-                         req.num_logprobs() is not None)
+                         req.num_logprobs() is not None, parse_calls=plan.parse_calls)
         return await serving.respond(request, gen, fmt, stream=req.stream, include_usage=req.include_usage)
 
     return [Route("/v1/chat/completions", "POST", chat, "Chat completion", body=ChatCompletionRequest,

@@ -7,10 +7,11 @@ from typing import Annotated
 from infermesh.common.catalog import RequestFacts
 from infermesh.common.errors import InvalidRequest
 from infermesh.frontend.openai.protocol import SamplingFields, limit
+from infermesh.frontend.openai.structured import StructuredFields
 from pydantic import Field, model_validator
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(StructuredFields, SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, limit("max_tokens")] | None = 16
     logprobs: Annotated[int, limit("logprobs")] | None = None
@@ -34,7 +35,8 @@ class CompletionRequest(SamplingFields):
     def route_facts(self, tier: str | None) -> RequestFacts:
         """What a catalog route's rules read of this request: the prompt is one user turn."""
         prompt = self.prompt_input()
-        return RequestFacts(turns=1, text=prompt if isinstance(prompt, str) else "", tier=tier)
+        return RequestFacts(turns=1, text=prompt if isinstance(prompt, str) else "", tier=tier,
+                            response_format=self.structured_response)
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt: text or token ids (batches of prompts are refused)."""

@@ -8,6 +8,7 @@ from infermesh.frontend.completions.protocol import CompletionRequest
 from infermesh.frontend.completions.serving import CompletionFormat
 from infermesh.frontend.openai.protocol import parse
 from infermesh.frontend.openai.serving import OpenAIServing, now
+from infermesh.frontend.request.constraints import ToolPlan
 from infermesh.frontend.request.generation import start_generation
 from infermesh.frontend.routes import ApiContext, Route
 from starlette.requests import Request
@@ -20,9 +21,10 @@ def routes(ctx: ApiContext) -> list[Route]:
         caller = await serving.caller(request)
         req = parse(CompletionRequest, caller.body)
         prompt = req.prompt_input()
+        plan = ToolPlan.of((), None, None, req.structured())  # no tools: the output's constraint, checked
         gen = await start_generation(
             ctx.request_backends, ctx.options, request_id=caller.request_id, model=req.model,
-            sampling=req.to_sampling(), tenant=caller.tenant, priority=req.priority_value,
+            sampling=plan.sampling(req.to_sampling()), tenant=caller.tenant, priority=req.priority_value,
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_ids=prompt if isinstance(prompt, list) else None,
             params=req.sampling_params(), deadline=caller.deadline, targets=ctx.targets,

@@ -117,7 +117,8 @@ class Attempts:
             remaining = max(1, sampling.max_tokens - len(generated))
             lease = await self.backends.admit(self._admit_request(exclude, len(generated), remaining, len(indices)),
                                               self._admit_timeout())
-            output.admitted()
+            if not p.constrained:
+                output.admitted()  # a constrained request is decided by its worker's acknowledgement instead
             try:
                 await self._stream(lease, indices, generated, sampling)
                 return
@@ -153,7 +154,9 @@ class Attempts:
         release = self.backends.release
         try:
             while (msg := await read()) is not grpc.aio.EOF:  # read() skips an async generator per message
-                received = True
+                if not received:
+                    received = True
+                    output.admitted()
                 if msg.index >= len(indices):
                     raise WorkerFailed("INTERNAL", f"choice index {msg.index} out of range")
                 if msg.finish_reason == "abort":

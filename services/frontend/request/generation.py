@@ -210,11 +210,14 @@ async def start_generation(backends: RequestBackends, options: ServingOptions, *
                            messages: Sequence[common_pb2.ChatMessage] = (), prompt: str | None = None,
                            prompt_ids: list[int] | None = None, add_generation_prompt: bool = True,
                            params: Mapping[str, str] | None = None, deadline: float | None = None,
-                           targets: ModelTargets | None = None, facts: RequestFacts | None = None) -> Generation:
+                           targets: ModelTargets | None = None, facts: RequestFacts | None = None,
+                           tools: Sequence[common_pb2.Tool] = ()) -> Generation:
     """The request path's one entry: the model (aliases, a route's rules, the fallback chain and cooldowns of
     the catalog), prepared (limits, render, context window), and its attempts started.
 
-    `facts` are what a route's rules read of the request besides its rendered length (the API fills them in).
+    `facts` are what a route's rules read of the request besides its rendered length (the API fills them in);
+    `tools` are a chat's tools shown to the model, checked with the output constraint (`sampling.structured`)
+    by `constraints.ToolPlan` first.
     """
     targets = targets or _NO_CATALOG
 
@@ -222,7 +225,7 @@ async def start_generation(backends: RequestBackends, options: ServingOptions, *
         return prepare(backends, request_id=request_id, model=target, sampling=sampling, tenant=tenant,
                        priority=priority, messages=messages, prompt=prompt, prompt_ids=prompt_ids,
                        add_generation_prompt=add_generation_prompt, params=params, deadline=deadline,
-                       admit_timeout=options.admit_timeout)
+                       admit_timeout=options.admit_timeout, tools=tools)
 
     route = targets.route_of(model)
     ready: PreparedRequest | None = None

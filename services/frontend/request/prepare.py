@@ -43,14 +43,20 @@ class PreparedRequest(CallerContext):
     def n(self) -> int:
         return self.sampling.n or 1
 
+    @property
+    def constrained(self) -> bool:
+        """The output is constrained (the worker acknowledges the constraint before its first token)."""
+        return self.sampling.HasField("structured")
+
 
 async def prepare(backends: RequestBackends, *, request_id: str, model: str, sampling: common_pb2.SamplingParams,
                   tenant: str, priority: int, messages: Sequence[common_pb2.ChatMessage] = (),
                   prompt: str | None = None, prompt_ids: list[int] | None = None, add_generation_prompt: bool = True,
                   params: Mapping[str, str] | None = None, deadline: float | None = None,
-                  admit_timeout: float | None = None) -> PreparedRequest:
+                  admit_timeout: float | None = None, tools: Sequence[common_pb2.Tool] = ()) -> PreparedRequest:
     """Validates, renders and checks the length. `params` names the API's own parameters (chat's
-    `top_logprobs` is `logprobs` in SamplingParams)."""
+    `top_logprobs` is `logprobs` in SamplingParams); `tools` are shown to the model (a chat's, checked by
+    `constraints.ToolPlan`, as the output constraint in `sampling.structured` is)."""
     if not model:
         raise InvalidRequest("model is required", param="model")
     if deadline is not None and deadline <= time.time():
@@ -67,7 +73,7 @@ async def prepare(backends: RequestBackends, *, request_id: str, model: str, sam
         context = common_pb2.RequestContext(request_id=request_id, tenant=tenant,
                                             priority=common_pb2.Priority.ValueType(priority))
         render = tokenizer_pb2.RenderRequest(model=model, messages=messages, context=context,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, tools=tools)
         if prompt is not None:
             render.prompt = prompt
         rendered = await backends.render(render)
