@@ -16,6 +16,7 @@ from infermesh.frontend import metrics
 from infermesh.frontend.embeddings.protocol import EmbeddingRequest
 from infermesh.frontend.embeddings.serving import base64_vector, response_body
 from infermesh.frontend.openai.protocol import parse
+from infermesh.frontend.request import embed_tokens
 from infermesh.frontend.request.attempts import MAX_ATTEMPTS
 from infermesh.frontend.request.embedding import EmbedParams, EmbedResult, embed, truncate_ids
 from infermesh.gpu_worker.sim_engine import sim_vector
@@ -163,10 +164,14 @@ async def test_the_tokens_of_a_request_are_bounded() -> None:
     assert check_embed_inputs([250] * 1200, 256) == 300_000
 
 
-async def test_truncation_keeps_the_special_tokens_as_transformers_does(fake: FakeEmbedBackends,
-                                                                        minilm_dir: Path) -> None:
+@pytest.mark.parametrize("where", ["frontend", "tokenizer tier"])
+async def test_truncation_keeps_the_special_tokens_as_transformers_does(fake: FakeEmbedBackends, minilm_dir: Path,
+                                                                        where: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoTokenizer
 
+    if where == "tokenizer tier":  # every text too long for the frontend to encode
+        monkeypatch.setattr(embed_tokens, "INPROCESS_CHARS", 0)
     long = "the quick brown fox jumps over the lazy dog " * 40  # ~362 tokens
     fake.admissions.extend(["a:1", "a:1"])
     fake.script("a:1", None, None)
@@ -174,7 +179,10 @@ async def test_truncation_keeps_the_special_tokens_as_transformers_does(fake: Fa
     reference = AutoTokenizer.from_pretrained(minilm_dir)
     sent = [list(i.ids) for i in fake.calls[0][1].inputs]
     assert sent == reference([long, "short"], truncation=True, max_length=256)["input_ids"]
-    assert len(fake.encoded[0].texts) == 3  # the inputs and an empty text (the specials)
+    if where == "tokenizer tier":
+        assert len(fake.encoded[0].texts) == 3  # the inputs and an empty text (the specials)
+    else:
+        assert fake.encoded == []
     await embed(fake, params(truncate_prompt_tokens=10, truncation_side="left"), texts=[long])
     left = [list(i.ids) for i in fake.calls[1][1].inputs][0]
     assert left == [101, *fake.ids(long)[-9:-1], 102]

@@ -45,7 +45,11 @@ async def test_a_full_queue_is_429_with_retry_after_and_the_queued_request_is_se
 async def test_a_worker_killed_mid_batch_is_replaced_and_every_request_gets_its_vectors(
         sim_embed_mesh_factory) -> None:
     mesh = sim_embed_mesh_factory(workers=2, sim_embed_ms=1500, scheduler={"policy": "least_load"})
-    bodies = [{"model": mesh.model, "input": [f"sentence number {i}", f"and another, {i}"]} for i in range(8)]
+    # Four priorities: requests sent together are coalesced per tenant and priority, so at least four
+    # batches, which least-load spreads over both workers.
+    priorities = ["critical", "high", "normal", "low"]
+    bodies = [{"model": mesh.model, "input": [f"sentence number {i}", f"and another, {i}"],
+               "priority": priorities[i % 4]} for i in range(8)]
     victim = mesh.workers[0]
     async with httpx.AsyncClient(base_url=mesh.url, timeout=60) as client:
         calls = [asyncio.create_task(client.post("/v1/embeddings", json=b)) for b in bodies]

@@ -5,33 +5,40 @@
 1. checks the model serves embeddings (the task its workers report, through
    the scheduler's model cards; a 400 naming `model` otherwise) and
    `dimensions` against its vectors' length;
-2. tokenizes the texts (the tokenizer tier's `Encode`, with the model's special
-   tokens, as `transformers` and sentence-transformers do) or checks the token
-   ids against the vocabulary;
+2. tokenizes the texts with the model's special tokens, as `transformers` and
+   sentence-transformers do: short ones in-process from the tokenizer
+   definition the frontend holds (`embed_tokens.py`: the tokenizer tier's own
+   encoder, so the same ids), longer ones by the tokenizer tier's `Encode`;
+   or checks the token ids against the vocabulary;
 3. truncates the inputs when `truncate_prompt_tokens` asks for it (keeping a
    text's special tokens, as `transformers`' truncation does), and checks each
    against the window the workers report (`infermesh.common.limits`): a longer
    input is a 400 naming `input`, never a silent truncation;
-4. asks the scheduler for a lease: one sequence, `prompt_tokens` the inputs'
-   tokens together, `max_tokens` 0 (an embed worker holds requests and input
-   tokens; the fair queue, its 429 and the deadline are generation's);
-5. calls the leased worker's `Embed`. A failure the error table marks
-   `retry_elsewhere` (a refusal at capacity, a worker that dies or drains)
-   excludes that worker and takes another lease, up to `MAX_ATTEMPTS` as in
-   generation; anything else fails the request.
+4. hands the inputs to the frontend's coalescer (`embed_batch.py`), which puts
+   the concurrent requests of one model, tenant and priority into one batch
+   (no timer: what arrived together leaves together) and gives each caller
+   its own vectors and errors;
+5. per batch (`_run_batch`): asks the scheduler for a lease (one sequence,
+   `prompt_tokens` the inputs' tokens together, `max_tokens` 0: an embed
+   worker holds requests and input tokens; the fair queue, its 429 and the
+   deadline are generation's), then calls the leased worker's `Embed`. A
+   failure the error table marks `retry_elsewhere` (a refusal at capacity, a
+   worker that dies or drains) excludes that worker and takes another lease,
+   up to `MAX_ATTEMPTS` as in generation; anything else fails the batch.
 
 A lease the worker ran ends by the worker's load report. The path releases it
 itself when the worker did not complete it: WORKER_FAILED after a failure that
-is retried elsewhere, CANCELLED otherwise (the caller went away, the request's
-deadline, a refusal of the request itself).
+is retried elsewhere, CANCELLED otherwise (every caller went away, the
+request's deadline, a refusal of the request itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import grpc
@@ -48,6 +55,8 @@ from infermesh.common.limits import (
 from infermesh.frontend import metrics
 from infermesh.frontend.request.attempts import MAX_ATTEMPTS
 from infermesh.frontend.request.detokenizer import TokenizerModel
+from infermesh.frontend.request.embed_batch import EmbedCoalescer, Vectors
+from infermesh.frontend.request.embed_tokens import encode_inputs
 from infermesh.frontend.request.interfaces import CallerContext, ModelFacts
 from infermesh.v1 import common_pb2, scheduler_pb2, tokenizer_pb2, worker_pb2
 
@@ -143,11 +152,14 @@ async def _inputs(backends: EmbedBackends, p: EmbedParams, tokenizer: TokenizerM
     if texts is not None:
         # With truncation, one more text (an empty one) shows the special tokens each input carries.
         batch = [*texts, ""] if keep is not None else list(texts)
-        reply = await backends.encode(tokenizer_pb2.EncodeRequest(model=p.model, texts=batch,
-                                                                  add_special_tokens=True), p.request_id)
-        if len(reply.items) != len(batch):
-            raise Unavailable(f"the tokenizer encoded {len(reply.items)} of {len(batch)} texts")
-        items = [list(item.ids) for item in reply.items]
+        encoded = encode_inputs(tokenizer, batch)
+        if encoded is None:  # too long to encode on the frontend's loop: the tokenizer tier
+            reply = await backends.encode(tokenizer_pb2.EncodeRequest(model=p.model, texts=batch,
+                                                                      add_special_tokens=True), p.request_id)
+            if len(reply.items) != len(batch):
+                raise Unavailable(f"the tokenizer encoded {len(reply.items)} of {len(batch)} texts")
+            encoded = [list(item.ids) for item in reply.items]
+        items = encoded
         if keep is not None:
             specials = items.pop()
     else:
@@ -180,6 +192,45 @@ async def embed(backends: EmbedBackends, p: EmbedParams, *, texts: Sequence[str]
     inputs = await _inputs(backends, p, tokenizer, facts.max_model_len, texts, token_ids)
     total = sum(len(ids) for ids in inputs)
     metrics.TOKENS_IN.inc(total)
+    vectors = await _coalescer(backends).submit(p, inputs)
+    return EmbedResult(p.model, vectors, total)
+
+
+_coalescers: weakref.WeakKeyDictionary[EmbedBackends, EmbedCoalescer[EmbedParams]] = weakref.WeakKeyDictionary()
+
+
+def _coalescer(backends: EmbedBackends) -> EmbedCoalescer[EmbedParams]:
+    """The coalescer of the requests over these backends (one per frontend: the APIs share it)."""
+    coalescer = _coalescers.get(backends)
+    if coalescer is None:
+        ref = weakref.ref(backends)  # the coalescer must not keep its key alive
+
+        async def run(members: Sequence[EmbedParams], inputs: list[list[int]]) -> Vectors:
+            live = ref()
+            if live is None:
+                raise Unavailable("the frontend is shutting down")
+            return await _run_batch(live, members, inputs)
+        coalescer = _coalescers[backends] = EmbedCoalescer(run)
+    return coalescer
+
+
+def _batch_params(members: Sequence[EmbedParams]) -> EmbedParams:
+    """A batch's params: its first request's (its id names the batch in the tiers' logs), with the members'
+    latest deadline and admission timeout (each member ends at its own deadline in the coalescer)."""
+    first = members[0]
+    if len(members) == 1:
+        return first
+
+    def latest(values: list[float | None]) -> float | None:
+        return None if None in values else max(v for v in values if v is not None)
+    return replace(first, deadline=latest([m.deadline for m in members]),
+                   admit_timeout=latest([m.admit_timeout for m in members]))
+
+
+async def _run_batch(backends: EmbedBackends, members: Sequence[EmbedParams], inputs: list[list[int]]) -> Vectors:
+    """One batch's lease and worker call, with retries elsewhere: one vector per input."""
+    p = _batch_params(members)
+    total = sum(len(ids) for ids in inputs)
     request = worker_pb2.EmbedTokensRequest(context=p.context(), model=p.model, dimensions=p.dimensions,
                                             inputs=[common_pb2.TokenIds(ids=ids) for ids in inputs])
     exclude: list[str] = []
@@ -196,7 +247,7 @@ async def embed(backends: EmbedBackends, p: EmbedParams, *, texts: Sequence[str]
                            lease.worker_id or lease.worker_address, failure.reason, failure, attempt)
             metrics.RETRIES.labels(reason=failure.reason).inc()
             continue
-        return EmbedResult(p.model, [v.values for v in reply.embeddings], reply.prompt_tokens or total)
+        return [v.values for v in reply.embeddings]
     raise Unavailable(f"no worker could complete the request after {MAX_ATTEMPTS} attempts")
 
 
