@@ -96,7 +96,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             metrics.GRPC_REQUESTS.labels(method="Generate", code=exc.code.name).inc()
             raise
         output = gen.output
-        parsers = {i: ToolCallParser() for i in range(len(output.choices))} if plan.parse_calls else None
+        names = plan.tool_names
+        parsers = {i: ToolCallParser(names) for i in range(len(output.choices))} if names is not None else None
         active = metrics.ACTIVE_GRPC
         active.inc()
         try:
@@ -114,7 +115,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         parser = parsers[d.index]
                         text, parsed = parser.feed(d.text)
                         if reason:
-                            text += parser.finish()
+                            rest, more = parser.finish()
+                            text, parsed = text + rest, parsed + more
                             reason = finish_reason(reason, parser.calls)
                         calls = [common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in parsed]
                     yield inference_pb2.GenerateResponse(

@@ -27,7 +27,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             params=req.sampling_params(), deadline=caller.deadline, targets=ctx.targets,
             facts=req.route_facts(caller.tier), tools=plan.render)
         fmt = ChatFormat("chatcmpl-" + caller.request_id, now(), gen.model, gen.prepared.tokenizer,
-                         req.num_logprobs() is not None, parse_calls=plan.parse_calls)
+                         req.num_logprobs() is not None, tool_names=plan.tool_names)
         return await serving.respond(request, gen, fmt, stream=req.stream, include_usage=req.include_usage)
 
     return [Route("/v1/chat/completions", "POST", chat, "Chat completion", body=ChatCompletionRequest,

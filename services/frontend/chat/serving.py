@@ -25,9 +25,10 @@ class ChatFormat(ResponseFormat):
     response_object = "chat.completion"
 
     def __init__(self, request_id: str, created: int, model: str, tokenizer: TokenizerModel, logprobs: bool,
-                 parse_calls: bool = False) -> None:
+                 tool_names: frozenset[str] | None = None) -> None:
         super().__init__(request_id, created, model, tokenizer, logprobs)
-        self.parse_calls = parse_calls
+        self.parse_calls = tool_names is not None  # the request's tools, when its output is parsed for calls
+        self.tool_names = tool_names or frozenset()
         self._parsers: dict[int, ToolCallParser] = {}
 
     def start(self, n: int) -> bytes:
@@ -39,11 +40,14 @@ class ChatFormat(ResponseFormat):
         if not self.parse_calls:
             delta = '{"content":' + quote(d.text) + '}' if d.text else "{}"
             return self.head + str(d.index) + ',"delta":' + delta + ',"logprobs":' + lp + finish(d.finish_reason)
-        parser = self._parsers.setdefault(d.index, ToolCallParser())
+        parser = self._parsers.get(d.index)
+        if parser is None:
+            parser = self._parsers[d.index] = ToolCallParser(self.tool_names)
         before = parser.calls
         text, calls = parser.feed(d.text)
         if d.finish_reason:
-            text += parser.finish()
+            rest, more = parser.finish()
+            text, calls = text + rest, calls + more
         fields: dict[str, Any] = {}
         if text:
             fields["content"] = text
@@ -69,7 +73,7 @@ class ChatFormat(ResponseFormat):
             message: dict[str, Any] = {"role": "assistant", "content": c.text}
             reason = c.finish_reason
             if self.parse_calls:
-                content, calls = parse_all(c.text)
+                content, calls = parse_all(c.text, self.tool_names)
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = [call_dict(call) for call in calls]

@@ -69,6 +69,11 @@ class ToolPlan:
     structured: common_pb2.StructuredOutput | None = None  # the output's constraint (tools' or the request's)
     parse_calls: bool = False  # the output is parsed into tool calls
 
+    @property
+    def tool_names(self) -> frozenset[str] | None:
+        """The names of the tools the output may call (None: the output is not parsed for calls)."""
+        return frozenset(t.name for t in self.render) if self.parse_calls else None
+
     @classmethod
     def of(cls, tools: Sequence[common_pb2.Tool], choice: common_pb2.ToolChoice | None, parallel: bool | None,
            structured: common_pb2.StructuredOutput | None) -> ToolPlan:

@@ -6,6 +6,11 @@ start of a call (`<tool_c`) is held back until it is known. A call's JSON that
 does not parse as `{"name", "arguments": {...}}` is returned as content,
 never dropped. Content that is only white space around calls is dropped, as
 OpenAI's responses have none.
+
+Small models often answer with the call's JSON alone, without the tags (Qwen2.5-
+Coder-0.5B does): an output that is, whole, one such object naming one of the
+request's tools is that call too. An output that starts with `{` is therefore
+held until it ends (or is known to be something else).
 """
 
 from __future__ import annotations
@@ -43,13 +48,21 @@ def _held_prefix(text: str, token: str) -> int:
 
 
 class ToolCallParser:
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        self._names = names  # the request's tools: a bare JSON call must name one
         self._buffer = ""
         self._inside = False
         self._space = ""  # white space held until it is known not to sit between calls
+        self._bare: list[str] | None = [] if names else None  # the output so far, while it may be a bare call
         self.calls = 0  # calls parsed so far
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
+        if self._bare is not None:
+            self._bare.append(text)
+            held = "".join(self._bare).lstrip()
+            if not held or (held.startswith("{") and CALL_START not in held):
+                return "", []
+            text, self._bare = "".join(self._bare), None  # not a bare call: parse it as any output
         self._buffer += text
         content: list[str] = []
         calls: list[ParsedCall] = []
@@ -58,7 +71,7 @@ class ToolCallParser:
                 start = self._buffer.find(CALL_START)
                 if start < 0:
                     keep = _held_prefix(self._buffer, CALL_START)
-                    self._content(self._buffer[:len(self._buffer) - keep], content)
+                    self._content(self._buffer[:len(self._buffer) - keep], content, before_call=keep > 0)
                     self._buffer = self._buffer[len(self._buffer) - keep:]
                     break
                 self._content(self._buffer[:start], content, before_call=True)
@@ -75,10 +88,20 @@ class ToolCallParser:
             else:
                 calls.append(call)
                 self.calls += 1
+                self._space = ""  # white space before a call is not content
         return "".join(content), calls
 
-    def finish(self) -> str:
+    def finish(self) -> tuple[str, list[ParsedCall]]:
         """The rest at the end of the output: an unfinished call, or a held prefix, is content."""
+        if self._bare is not None:
+            whole, self._bare = "".join(self._bare), None
+            call = _parse(whole.strip())
+            if call is not None and call.name in self._names:
+                self.calls += 1
+                return "", [call]
+            content, calls = self.feed(whole)
+            rest, more = self.finish()
+            return content + rest, calls + more
         rest = (CALL_START if self._inside else "") + self._buffer
         self._buffer, self._inside = "", False
         out: list[str] = []
@@ -86,23 +109,22 @@ class ToolCallParser:
         if not self.calls and self._space:
             out.append(self._space)
         self._space = ""
-        return "".join(out)
+        return "".join(out), []
 
     def _content(self, text: str, out: list[str], before_call: bool = False) -> None:
+        """Emits content; white space that may sit between content and a call (or between calls) is held
+        in `_space` until what follows it is known."""
         if not text:
             return
-        if not text.strip():
-            # Between calls or before the first one it is dropped; elsewhere it is content once more follows.
-            if not before_call:
-                self._space += text
-            else:
-                self._space = ""
-            return
-        if self._space:
-            text, self._space = self._space + text, ""
+        trailing = ""
         if before_call:
-            text = text.rstrip()
-        out.append(text)
+            stripped = text.rstrip()
+            text, trailing = stripped, text[len(stripped):]
+        if not text.strip():
+            self._space += text + trailing
+            return
+        out.append(self._space + text)
+        self._space = trailing
 
 
 def _parse(body: str) -> ParsedCall | None:
@@ -123,10 +145,11 @@ def _parse(body: str) -> ParsedCall | None:
     return ParsedCall(new_call_id(), value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def parse_all(text: str) -> tuple[str | None, list[ParsedCall]]:
+def parse_all(text: str, names: frozenset[str] = frozenset()) -> tuple[str | None, list[ParsedCall]]:
     """A whole output's content (None when it is only calls) and calls."""
-    parser = ToolCallParser()
+    parser = ToolCallParser(names)
     content, calls = parser.feed(text)
-    content += parser.finish()
+    rest, more = parser.finish()
+    content, calls = content + rest, calls + more
     content = content.strip() if calls else content
     return (content or None) if calls else content, calls
