@@ -61,7 +61,7 @@ def _streamed_calls(chunks: list[Any]) -> tuple[dict[int, dict[str, str]], str |
 
 def test_required_gives_valid_calls_whole_and_streamed(client: openai.OpenAI, real_mesh: Mesh) -> None:
     whole = client.chat.completions.create(model=real_mesh.model, messages=ASK, tools=TOOLS, tool_choice="required",
-                                           temperature=0, max_tokens=80)
+                                           temperature=0, max_tokens=200)
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls and not choice.message.content
@@ -70,7 +70,7 @@ def test_required_gives_valid_calls_whole_and_streamed(client: openai.OpenAI, re
         _valid_call(call.function.name, call.function.arguments)
     calls, finish, content = _streamed_calls(list(client.chat.completions.create(
         model=real_mesh.model, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0.9, seed=7,
-        max_tokens=80, stream=True)))
+        max_tokens=200, stream=True)))
     assert finish == "tool_calls" and calls and not content.strip()
     assert sorted(calls) == list(range(len(calls)))
     for call in calls.values():
