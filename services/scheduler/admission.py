@@ -40,6 +40,7 @@ class Ticket:
     tenant: str = ""
     priority: int = common_pb2.PRIORITY_NORMAL
     prefix_hashes: Sequence[int] = ()
+    constraint_hash: int = 0  # the output constraint's class (0: none)
     exclude: frozenset[str] = frozenset()
     request_id: str = ""
     enqueued_at: float = 0.0

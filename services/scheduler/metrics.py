@@ -27,7 +27,7 @@ REJECT_REASONS = ("queue_full", "timeout", "deadline", "no_worker", "unknown_mod
 ROUTING_OUTCOMES: dict[str, tuple[str, ...]] = {
     "round_robin": ("rotation",),
     "least_load": ("least_loaded",),
-    "prefix_affinity": ("no_prefix", "miss", "hit", "imbalanced"),
+    "prefix_affinity": ("no_prefix", "miss", "hit", "imbalanced", "grammar"),
 }
 LEASE_ENDINGS = ("finished", "released", "worker_failed", "expired", "worker_lost")
 

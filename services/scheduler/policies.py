@@ -6,7 +6,12 @@ cache-aware in the manner of SGLang's router: each worker has an approximate
 index of the prefix block hashes recently routed to it; a request goes to the
 worker with the longest cached prefix unless that worker is loaded beyond the
 least-loaded one by both an absolute and a relative threshold, in which case
-the request is balanced to the least-loaded worker instead.
+the request is balanced to the least-loaded worker instead. A constrained
+request (a JSON schema, the grammar of required tool calls) also prefers,
+among workers with an equal prefix, one it already sent that constraint to:
+that worker has its grammar compiled (xgrammar's cache: ~90 ms for a small
+schema on a 2-core CPU the first time, ~0.1 ms after); with no prefix cached
+anywhere, such a worker is chosen (outcome `grammar`) unless it is imbalanced.
 
 A policy sees the whole admission request (the `Ticket`: its prefix hashes,
 model, tenant, priority, size), not only its hashes.
@@ -23,6 +28,8 @@ from infermesh.scheduler.admission import Ticket
 from infermesh.scheduler.capacity import WorkerCapacity
 
 POLICIES = ("prefix_affinity", "least_load", "round_robin")
+# The constraints remembered per worker (xgrammar's compile cache holds far more; this is what routing uses).
+GRAMMARS_PER_WORKER = 512
 
 
 class Policy(Protocol):
@@ -76,6 +83,8 @@ class PrefixAffinity:
         self.index_blocks = index_blocks
         # Per worker, the prefix blocks recently routed to it: an approximation of its cache.
         self._indexes: dict[str, PrefixLRU] = {}
+        # Per worker, the output constraints recently routed to it: its compiled grammars.
+        self._grammars: dict[str, PrefixLRU] = {}
 
     def _index(self, worker: WorkerCapacity) -> PrefixLRU:
         index = self._indexes.get(worker.address)
@@ -88,17 +97,31 @@ class PrefixAffinity:
         a, b = chosen.load(), least.load()
         return a - b > self.abs_threshold and a > b * self.rel_threshold
 
+    def _compiled(self, worker: WorkerCapacity, constraint: int) -> bool:
+        grammars = self._grammars.get(worker.address)
+        return bool(constraint) and grammars is not None and grammars.match([constraint]) == 1
+
     def choose(self, candidates: Sequence[WorkerCapacity], ticket: Ticket) -> tuple[WorkerCapacity, str]:
         least = _least_loaded(candidates)
         prefix_hashes = ticket.prefix_hashes
-        if not prefix_hashes:
+        constraint = ticket.constraint_hash
+        if not prefix_hashes and not constraint:
             return least, "no_prefix"
-        best, best_len = least, 0
+        best, best_key = least, (0, False)
         for worker in candidates:
-            n = self._index(worker).match(prefix_hashes)
-            if n > best_len or (n == best_len and n and worker.load() < best.load()):
-                best, best_len = worker, n
+            key = (self._index(worker).match(prefix_hashes) if prefix_hashes else 0,
+                   self._compiled(worker, constraint))
+            if key > best_key or (key == best_key and key[0] and worker.load() < best.load()):
+                best, best_key = worker, key
+        best_len, compiled = best_key
         if best_len == 0:
+            warm = [w for w in candidates if self._compiled(w, constraint)] if compiled else []
+            if warm:
+                chosen = _least_loaded(warm)
+                if chosen is least or not self.imbalanced(chosen, least):
+                    return chosen, "grammar"
+            if not prefix_hashes:
+                return least, "no_prefix"
             # A new prefix: the least-loaded worker, and among equals the one caching least.
             return min(candidates, key=lambda w: (w.load(), len(self._index(w)), -w.free_tokens())), "miss"
         if best is not least and self.imbalanced(best, least):
@@ -108,9 +131,15 @@ class PrefixAffinity:
     def routed(self, worker: WorkerCapacity, ticket: Ticket) -> None:
         if ticket.prefix_hashes:
             self._index(worker).insert(ticket.prefix_hashes)
+        if ticket.constraint_hash:
+            grammars = self._grammars.get(worker.address)
+            if grammars is None:
+                grammars = self._grammars[worker.address] = PrefixLRU(GRAMMARS_PER_WORKER)
+            grammars.insert([ticket.constraint_hash])
 
     def forget(self, address: str) -> None:
         self._indexes.pop(address, None)
+        self._grammars.pop(address, None)
 
 
 def make_policy(name: str, *, balance_abs_threshold: int = 8, balance_rel_threshold: float = 1.5,

@@ -45,7 +45,8 @@ def ticket_from(request: scheduler_pb2.AdmitRequest, task: str = "generate") -> 
     length = 1 if embed else request.prompt_tokens + request.max_tokens
     return Ticket(model=request.model, tokens=tokens, seqs=n, length=length,
                   tenant=request.context.tenant, priority=request.context.priority,
-                  prefix_hashes=request.prefix_hashes, exclude=frozenset(request.exclude_workers),
+                  prefix_hashes=request.prefix_hashes, constraint_hash=request.constraint_hash,
+                  exclude=frozenset(request.exclude_workers),
                   request_id=request.context.request_id)
 
 

@@ -147,3 +147,30 @@ def test_policies_get_the_whole_admission_ticket() -> None:
     assert lease is not None
     assert policy.chosen == [t] and policy.routed_to == [("a:1", t)]
     assert policy.chosen[0].tenant == "acme" and policy.chosen[0].priority == common_pb2.PRIORITY_HIGH
+
+
+def test_a_constraint_goes_where_its_grammar_was_compiled() -> None:
+    """Requests with one schema (one constraint hash) prefer the worker that compiled it: with no prefix
+    cached, on an equal prefix, but never against the imbalance guard; a longer prefix still wins."""
+    policy = PrefixAffinity(balance_abs_threshold=4, balance_rel_threshold=1.5)
+    a, b = cap("a"), cap("b")
+    schema = Ticket(model="m", tokens=1100, constraint_hash=42)
+    first, outcome = policy.choose([a, b], schema)
+    assert outcome == "no_prefix"
+    policy.routed(first, schema)
+    other = b if first is a else a
+    first.running = first.held_seqs = 2  # busier, but within the guard
+    assert policy.choose([a, b], schema) == (first, "grammar")
+    assert policy.choose([a, b], Ticket(model="m", tokens=1100, constraint_hash=7))[0] is other  # another schema
+    first.running = first.held_seqs = 20  # far busier: balanced away
+    assert policy.choose([a, b], schema)[0] is other
+    first.running = first.held_seqs = 0
+    # A prefix cached on the other worker outweighs the grammar; an equal prefix is decided by the grammar.
+    ids = hashes_of(prompt(1, 1))
+    policy.routed(other, ticket(ids))
+    with_prefix = Ticket(model="m", tokens=1100, prefix_hashes=ids, constraint_hash=42)
+    assert policy.choose([a, b], with_prefix) == (other, "hit")
+    policy.routed(first, ticket(ids))
+    assert policy.choose([a, b], with_prefix) == (first, "hit")
+    policy.forget(first.address)
+    assert policy.choose([a, b], schema)[1] == "no_prefix"

@@ -96,7 +96,8 @@ class Attempts:
         p = self.prepared
         return scheduler_pb2.AdmitRequest(context=p.context(), model=p.model,
                                           prompt_tokens=len(p.prompt_ids) + generated, max_tokens=max_tokens,
-                                          prefix_hashes=p.prefix_hashes, exclude_workers=exclude, n=n)
+                                          prefix_hashes=p.prefix_hashes, exclude_workers=exclude, n=n,
+                                          constraint_hash=p.constraint_hash)
 
     def _admit_timeout(self) -> float | None:
         p = self.prepared

@@ -10,6 +10,7 @@ the same message, before anything is queued. The result is a plain
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class PreparedRequest(CallerContext):
     deadline: float | None = None  # unix seconds
     admit_timeout: float | None = None
     prefix_hashes: list[int] = field(default_factory=list)
+    constraint_hash: int = 0  # the output constraint's class, for the scheduler's affinity (0: none)
 
     @property
     def n(self) -> int:
@@ -100,4 +102,16 @@ async def prepare(backends: RequestBackends, *, request_id: str, model: str, sam
     hashes = block_hashes(ids, facts.block_size or DEFAULT_BLOCK_SIZE, cache_salt(model))
     return PreparedRequest(request_id=request_id, model=model, prompt_ids=ids, sampling=out,
                            stops=list(sampling.stop), tokenizer=tokenizer, tenant=tenant, priority=priority,
-                           deadline=deadline, admit_timeout=admit_timeout, prefix_hashes=hashes)
+                           deadline=deadline, admit_timeout=admit_timeout, prefix_hashes=hashes,
+                           constraint_hash=constraint_hash(out))
+
+
+def constraint_hash(sampling: common_pb2.SamplingParams) -> int:
+    """A 64-bit class of the output's constraint (the same schema or tools: the same class; 0: none)."""
+    if not sampling.HasField("structured"):
+        return 0
+    key = common_pb2.StructuredOutput()
+    key.CopyFrom(sampling.structured)
+    key.param = ""  # where it came from does not change the grammar
+    digest = hashlib.blake2b(key.SerializeToString(deterministic=True), digest_size=8).digest()
+    return int.from_bytes(digest, "big") or 1
