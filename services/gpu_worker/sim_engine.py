@@ -15,6 +15,9 @@ model at. It is never the default and always says it is simulated.
   model's vocabulary (read from `tokenizer.json` when a model directory is
   given), so they detokenize as text. It never emits EOS; `stop_token_ids` end
   a choice as they would on a real model.
+- An output constraint (`structured`: a schema, tool calls) is accepted, and
+  acknowledged as the real worker does, but not enforced: the words are the
+  same as without it. Structured outputs are tested on the real engine only.
 - `fail_after_tokens` makes the engine die (for failure tests): in-flight
   streams fail with EngineDead and the worker exits non-zero.
 - The embed task (`task="embed"`): each request is one batch, which takes
