@@ -22,8 +22,8 @@ CALL_END = "</tool_call>"
 CALL_SEPARATOR = "\n"
 # The most calls one constrained turn may make (tool_choice `required` with parallel calls).
 MAX_PARALLEL_CALLS = 8
-# A tool's name, as OpenAI allows it.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A tool's name, as OpenAI allows it (matched whole: `fullmatch`).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def call_prefix(name: str) -> str:

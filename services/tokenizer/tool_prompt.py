@@ -36,7 +36,8 @@ def rewrite(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list
     rest = messages
     if tools:
         if messages and messages[0]["role"] == "system":
-            system = messages[0]["content"] + "\n\n" + instructions(tools)
+            given = messages[0]["content"]
+            system = (given + "\n\n" if given.strip() else "") + instructions(tools)
             rest = messages[1:]
         else:
             system = instructions(tools)

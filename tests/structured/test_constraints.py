@@ -60,7 +60,8 @@ def test_json_object() -> None:
 
 @pytest.mark.parametrize("make", [chat, completion])
 def test_json_schema_is_carried_as_json_text(make: Any) -> None:
-    s = make(response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}).structured()
+    body = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
+    s = make(response_format=body).structured()
     assert s.WhichOneof("kind") == "json_schema" and s.param == "response_format"
     assert json.loads(s.json_schema) == WEATHER
     check_structured(s)
@@ -185,9 +186,6 @@ def test_parameters_without_a_type_or_none_at_all_are_an_object() -> None:
     assert [t.name for t in plan.render] == ["f", "g"] and plan.render[1].parameters == ""
 
 
-@pytest.mark.xfail(strict=True, reason="NAME_PATTERN (common/tool_format.py) ends in `$`, which also matches before "
-                                       "a trailing newline, and _check_tool uses .match: 'get_weather\\n' passes as a "
-                                       "tool name (use \\Z or fullmatch)")
 def test_a_name_with_a_trailing_newline_is_refused() -> None:
     err = refused(chat(tools=[tool("get_weather\n", WEATHER)]).tool_plan)
     assert err.param == "tools[0].function.name"
@@ -295,3 +293,8 @@ def test_sampling_replaces_and_clears_a_constraint_without_touching_the_input() 
 def test_sampling_without_any_constraint_is_the_input() -> None:
     given = _sampling()
     assert chat(tools=TOOLS).tool_plan().sampling(given) == given
+
+
+def test_the_schema_false_is_refused() -> None:
+    err = refused(chat(guided_json=False).tool_plan)
+    assert err.param == "guided_json"

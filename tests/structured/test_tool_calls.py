@@ -70,3 +70,9 @@ def test_content_streams_before_a_call_is_complete() -> None:
     content, calls = parser.feed('_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>')
     assert content == "" and [c.name for c in calls] == ["get_time"]
     assert parser.finish() == ("", [])
+
+
+def test_a_tagged_call_of_a_tool_not_offered_is_content() -> None:
+    text = call_text("delete_everything", {})
+    assert parse_all(text, NAMES) == (text, [])
+    assert [c.name for c in parse_all(text)[1]] == ["delete_everything"]  # no tools known: taken as written

@@ -49,6 +49,8 @@ def check_structured(structured: common_pb2.StructuredOutput, *, from_tools: boo
         except ValueError:
             raise InvalidRequest(f"{param}: the schema is not valid JSON", param=param) from None
         _valid_schema(schema, param, "the schema")
+        if schema is False:
+            raise InvalidRequest(f"{param}: the schema false admits no output", param=param)
     elif kind == "json_object" and not structured.json_object:
         raise InvalidRequest(f"{param}: json_object must be true when given", param=param)
     elif kind == "regex" and "\x00" in structured.regex:
@@ -126,7 +128,7 @@ def _choice_name(mode: str, choice: common_pb2.ToolChoice | None) -> str:
 
 
 def _check_tool(i: int, tool: common_pb2.Tool, names: set[str]) -> None:
-    if not NAME_PATTERN.match(tool.name):
+    if not NAME_PATTERN.fullmatch(tool.name):
         raise InvalidRequest(f"tools[{i}].function.name must be 1-64 characters of a-z, A-Z, 0-9, _ and -, "
                              f"got {tool.name!r}", param=f"tools[{i}].function.name")
     if tool.name in names:

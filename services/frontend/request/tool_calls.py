@@ -3,8 +3,8 @@
 `ToolCallParser.feed` takes one choice's new text and returns what of it is
 content and which calls were completed by it; text that may still be the
 start of a call (`<tool_c`) is held back until it is known. A call's JSON that
-does not parse as `{"name", "arguments": {...}}` is returned as content,
-never dropped. Content that is only white space around calls is dropped, as
+does not parse as `{"name", "arguments": {...}}`, or names no tool of the
+request, is returned as content, never dropped. Content that is only white space around calls is dropped, as
 OpenAI's responses have none.
 
 Small models often answer with the call's JSON alone, without the tags (Qwen2.5-
@@ -83,7 +83,7 @@ class ToolCallParser:
             body, self._buffer = self._buffer[:end], self._buffer[end + len(CALL_END):]
             self._inside = False
             call = _parse(body)
-            if call is None:
+            if call is None or (self._names and call.name not in self._names):  # not a call of a tool offered
                 self._content(CALL_START + body + CALL_END, content)
             else:
                 calls.append(call)
