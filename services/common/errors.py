@@ -256,8 +256,8 @@ def to_status(exc: BaseException, *, public: bool = False) -> tuple[grpc.StatusC
     trailers: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, Overloaded) and exc.retry_after is not None:
         trailers = ((RETRY_AFTER_KEY, str(max(0, round(exc.retry_after * 1000)))),)
-    if exc.param and exc.http_status < 500:
-        trailers += ((PARAM_KEY, exc.param),)
+    if exc.param and exc.http_status < 500 and exc.param.isascii() and exc.param.isprintable():
+        trailers += ((PARAM_KEY, exc.param),)  # metadata values are printable ASCII
     return exc.grpc_code, details, trailers
 
 

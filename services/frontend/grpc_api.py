@@ -55,9 +55,13 @@ def _tool_plan(request: inference_pb2.GenerateRequest) -> ToolPlan:
     """The call's tools and output constraint, checked as the HTTP API's are."""
     if request.tools and request.HasField("prompt"):
         raise InvalidRequest("tools are for chats (messages), not prompts", param="tools")
+    structured = None
+    if request.sampling.HasField("structured"):
+        structured = common_pb2.StructuredOutput()
+        structured.CopyFrom(request.sampling.structured)
+        structured.param = "sampling.structured"  # errors name this API's field, whatever the caller wrote
     return ToolPlan.of(request.tools, request.tool_choice if request.HasField("tool_choice") else None,
-                       request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None,
-                       request.sampling.structured if request.sampling.HasField("structured") else None)
+                       request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None, structured)
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):

@@ -102,3 +102,11 @@ def test_overloaded_without_a_hint_or_param() -> None:
 def test_an_rpc_error_without_status_methods_is_internal() -> None:
     back: Any = from_rpc_error(grpc.RpcError())
     assert isinstance(back, InternalError) and back.param is None
+
+
+def test_a_param_that_is_not_printable_ascii_stays_out_of_the_metadata() -> None:
+    from infermesh.common.errors import PARAM_KEY, InvalidRequest, to_status
+
+    for param in ("tools[0].n\u00e4me", "a\nb"):
+        _, _, trailers = to_status(InvalidRequest("bad", param=param))
+        assert PARAM_KEY not in dict(trailers)
