@@ -197,6 +197,15 @@ class EngineDead(Unavailable):
     """The engine failed and cannot recover; the worker exits (HTTP 503: other workers may serve)."""
 
 
+class VersionRolledBack(Unavailable):
+    """The scheduler rolled back the canary version a request was split to (the frontend's view of the split
+    was behind): the request goes to the model's stable version, never to another worker of this one."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    retry_elsewhere = False
+    cools_down = False  # the version is out already; its model is not failing
+
+
 class Cancelled(InfermeshError):
     """The other side of a call went away (HTTP 499, which no client reads).
 
@@ -217,7 +226,7 @@ class Cancelled(InfermeshError):
 ERRORS: tuple[type[InfermeshError], ...] = (
     InternalError, InvalidRequest, ContextLengthExceeded, PayloadTooLarge, Unauthenticated, PermissionDenied,
     NotFound, RouteNotFound, MethodNotAllowed, Overloaded, QueueTimeout, DeadlineExceeded, Unavailable, EngineDead,
-    Cancelled,
+    VersionRolledBack, Cancelled,
 )
 
 # A gRPC status from another service, back to a class: the class whose code it is (the most
@@ -227,7 +236,6 @@ for _cls in ERRORS:
     _BY_CODE.setdefault(_cls.grpc_code, _cls)
 _BY_CODE.update({
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
-    grpc.StatusCode.FAILED_PRECONDITION: InvalidRequest,
     grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
     grpc.StatusCode.ABORTED: Unavailable,
     grpc.StatusCode.UNKNOWN: InternalError,

@@ -15,10 +15,12 @@ from typing import Any
 from infermesh.common.catalog import TIER_HEADER, TIERS, RequestFacts
 from infermesh.common.context import current_request_id, new_request_id, set_request_id
 from infermesh.common.errors import InfermeshError, InvalidRequest
+from infermesh.common.versions import SESSION_HEADER, VERSION_HEADER, sticky_key
 from infermesh.frontend import metrics
 from infermesh.frontend.auth import ApiKeys
 from infermesh.frontend.backends import Backends
 from infermesh.frontend.models.listing import model_list
+from infermesh.frontend.models.versions import VersionChoice
 from infermesh.frontend.request.constraints import ToolPlan
 from infermesh.frontend.request.embedding import EmbedParams, embed
 from infermesh.frontend.request.generation import ServingOptions, start_generation
@@ -49,6 +51,17 @@ def _route_facts(request: inference_pb2.GenerateRequest, context: Any) -> Reques
         users.append(request.prompt)
     return RequestFacts(turns=len(users), text="\n".join(users), tier=tier, tools=bool(request.tools),
                         response_format=request.sampling.HasField("structured"))
+
+
+def _version_choice(context: Any, tenant: str) -> VersionChoice:
+    """What picks a versioned model's version for a call: metadata `x-session-id` (else the tenant) and a
+    pinned `x-infermesh-model-version`."""
+    metadata = {k: str(v) for k, v in context.invocation_metadata() or ()}
+    session, pin = metadata.get(SESSION_HEADER, ""), metadata.get(VERSION_HEADER, "")
+    for name, value in ((SESSION_HEADER, session), (VERSION_HEADER, pin)):
+        if len(value) > 256:
+            raise InvalidRequest(f"the {name} metadata is longer than 256 characters", param=name)
+    return VersionChoice(sticky_key(session=session, tenant=tenant), pin)
 
 
 def _tool_plan(request: inference_pb2.GenerateRequest) -> ToolPlan:
@@ -95,7 +108,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 self.backends, self.options, request_id=request_id, model=request.model,
                 sampling=plan.sampling(request.sampling), tenant=tenant, priority=int(request.priority),
                 messages=request.messages, prompt=request.prompt if has_prompt else None, deadline=_deadline(context),
-                targets=self.targets, facts=_route_facts(request, context), tools=plan.render)
+                targets=self.targets, facts=_route_facts(request, context), tools=plan.render,
+                version=_version_choice(context, tenant))
         except InfermeshError as exc:
             metrics.GRPC_REQUESTS.labels(method="Generate", code=exc.code.name).inc()
             raise
@@ -125,7 +139,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         calls = [common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in parsed]
                     yield inference_pb2.GenerateResponse(
                         id=request_id, index=d.index, text=text, token_ids=d.token_ids, finish_reason=reason,
-                        logprobs=d.logprobs, model=gen.model, usage=usage, tool_calls=calls)
+                        logprobs=d.logprobs, model=gen.model, usage=usage, tool_calls=calls,
+                        model_version=gen.version)
             if output.error is not None:
                 code = output.error.code.name
                 raise output.error
@@ -140,7 +155,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def ListModels(self, request: common_pb2.ListModelsRequest, context: Any) -> common_pb2.ListModelsResponse:
         self.keys.tenant(_authorization(context))
-        return common_pb2.ListModelsResponse(models=model_list(self.targets.catalog, await self.backends.model_cards()))
+        return common_pb2.ListModelsResponse(models=model_list(self.targets.catalog, await self.backends.model_cards(),
+                                                                 self.targets.versions))
 
     async def Embed(self, request: inference_pb2.EmbedRequest, context: Any) -> inference_pb2.EmbedResponse:
         """The embeddings of texts or token-id lists, as `POST /v1/embeddings` (request/embedding.py)."""
@@ -158,7 +174,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if request.HasField("dimensions") and not request.dimensions:
                 raise InvalidRequest("dimensions must be at least 1 (or unset)", param="dimensions")
             params = EmbedParams(
-                model=self.targets.resolve(request.model, task="embed"), request_id=request_id, tenant=tenant,
+                model=self.targets.embed_model(request.model, _version_choice(context, tenant)), request_id=request_id,
+                tenant=tenant,
                 priority=int(request.priority), deadline=_deadline(context), admit_timeout=self.options.admit_timeout,
                 dimensions=request.dimensions,
                 truncate_prompt_tokens=request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens")
@@ -168,7 +185,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                  token_ids=[list(item.ids) for item in request.token_ids] or None)
             usage = common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
             return inference_pb2.EmbedResponse(
-                id=request_id, model=result.model, usage=usage,
+                id=request_id, model=self.targets.served_name(result.model), usage=usage,
                 data=[inference_pb2.Embedding(index=i, embedding=v) for i, v in enumerate(result.vectors)])
         except InfermeshError as exc:
             code = exc.code.name

@@ -144,6 +144,7 @@ async def serve(config: FrontendConfig) -> None:
     async def ready() -> None:
         if targets.holder is not None:
             following.append(targets.holder.follow())
+            following.append(targets.versions.follow(backends.scheduler_channel))  # versioned models' split
         await http.start()
         for model in config.preload_model:
             await backends.tokenizer_model(model)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from infermesh.common.errors import Overloaded
 from infermesh.gpu_worker.engine import EmbedRequest, GenerateRequest
+from infermesh.v1 import worker_pb2
 
 # A refused caller should retry elsewhere soon; this is the hint it gets.
 RETRY_AFTER_S = 0.2
@@ -35,6 +36,7 @@ class Held:
 class Watcher:
     started: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    results: list[worker_pb2.LeaseResult] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -92,12 +94,15 @@ class LoadTracker:
                     w.wake.set()
         return held
 
-    def release(self, held: Held) -> None:
+    def release(self, held: Held, result: worker_pb2.LeaseResult | None = None) -> None:
+        """The request ended; `result` says how (reported with the lease's end, for the canary analysis)."""
         if self.held.pop(held.key, None) is None:
             return
         if held.lease_id:
             for w in self._watchers:
                 w.finished.append(held.lease_id)
+                if result is not None:
+                    w.results.append(result)
                 w.wake.set()
         if not self.held:
             self._idle.set()

@@ -88,6 +88,8 @@ class WorkerConfig(ServiceConfig):
     sim_itl_ms: float = option(20.0, "sim: inter-token latency in ms.")
     sim_kv_capacity_tokens: int = option(1_048_576, "sim: KV cache capacity in tokens.")
     sim_fail_after_tokens: int = option(0, "sim: the engine dies after this many tokens (failure tests; 0: never).")
+    sim_fail_rate: float = option(0.0, "sim: the share of requests that fail before their first token (a bad "
+                                  "model version, for canary tests; the engine lives on).")
     sim_start_ms: float = option(0.0, "sim: how long the engine takes to start; until then, as vLLM's, it reports no "
                                  "window, capacity or block size.")
     sim_embed_dim: int = option(0, "sim, --task embed: the vectors' length (0: the model's hidden size).")
@@ -103,6 +105,8 @@ class WorkerConfig(ServiceConfig):
                      "sim_embed_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
+        if not 0 <= self.sim_fail_rate <= 1:
+            problems.append(f"sim_fail_rate must be within 0..1, got {self.sim_fail_rate}")
         problems.extend(cpu_problems(self.cpus, self.engine_cpus))
         if self.tensor_parallel_size < 1:
             problems.append("tensor_parallel_size must be >= 1")
@@ -164,7 +168,8 @@ def build_engine(config: WorkerConfig) -> Engine:
                              itl_ms=config.sim_itl_ms, max_num_seqs=config.max_num_seqs or 256,
                              kv_capacity_tokens=config.sim_kv_capacity_tokens,
                              block_size=config.block_size or 16, max_model_len=config.max_model_len,
-                             fail_after_tokens=config.sim_fail_after_tokens, start_ms=config.sim_start_ms,
+                             fail_after_tokens=config.sim_fail_after_tokens,
+                             fail_rate=config.sim_fail_rate, start_ms=config.sim_start_ms,
                              task=config.task, embed_dim=config.sim_embed_dim, embed_ms=config.sim_embed_ms)
         return SimEngine(name, path if path.is_dir() else None, options)
     from infermesh.gpu_worker.vllm_engine import VllmEngine, VllmOptions

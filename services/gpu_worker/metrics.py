@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from infermesh.gpu_worker.engine import Delta, EngineLoad
+from infermesh.v1 import worker_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -82,7 +83,9 @@ class RequestMetrics:
     def __init__(self, model: str, prompt_tokens: int) -> None:
         self.model = model
         self.started = time.perf_counter()
+        self.first: float | None = None
         self.last: float | None = None
+        self.tokens = 0
         self.ttft, self.itl, self.generated = _children(model)
         PROMPT_TOKENS.labels(model_name=model).inc(prompt_tokens)
 
@@ -91,7 +94,9 @@ class RequestMetrics:
         if not count:
             return
         now = time.perf_counter()
+        self.tokens += count
         if self.last is None:
+            self.first = now
             self.ttft.observe(now - self.started)
         else:
             gap = (now - self.last) / count
@@ -99,6 +104,16 @@ class RequestMetrics:
                 self.itl.observe(gap)
         self.last = now
         self.generated.inc(count)
+
+    def result(self, lease_id: str, outcome: int) -> worker_pb2.LeaseResult | None:
+        """How the request ended, for the schedulers (None without a lease: nobody analyses it)."""
+        if not lease_id:
+            return None
+        ttft = self.first - self.started if self.first is not None else 0.0
+        tpot = (self.last - self.first) / (self.tokens - 1) if self.first is not None and self.last is not None \
+            and self.tokens > 1 else 0.0
+        return worker_pb2.LeaseResult(lease_id=lease_id, outcome=worker_pb2.LeaseResult.Outcome.ValueType(outcome),
+                                      ttft_s=ttft, tpot_s=tpot)
 
     def on_finish(self, finish_reason: str) -> None:
         E2E.labels(model_name=self.model).observe(time.perf_counter() - self.started)

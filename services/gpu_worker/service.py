@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from infermesh.common.context import current_request_id, deadline_of, seconds_left
@@ -34,6 +35,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.worker_id = worker_id
         self.tracker = LoadTracker(self.info.max_num_seqs, self.info.kv_capacity_tokens)
         self.ready = False
+        self.ready_since = 0.0  # unix seconds: when the warm engine began to serve
         metrics.export_load(self.info.model, engine.load)
         metrics.precreate(self.info.model)
 
@@ -43,6 +45,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.tracker.max_num_seqs = self.info.max_num_seqs
         self.tracker.kv_capacity_tokens = self.info.kv_capacity_tokens
         self.ready = True
+        self.ready_since = time.time()
         self.tracker.wake_all()  # every scheduler hears of the window and capacity at once
 
     def _refuse(self, exc: InfermeshError) -> InfermeshError:
@@ -97,6 +100,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         timer = None if left is None else DeadlineTimer(
             left, lambda: asyncio.ensure_future(self.engine.abort(held.key)), asyncio.current_task())
         expired = False
+        outcome = worker_pb2.LeaseResult.OUTCOME_CANCELLED
         try:
             if req.structured is not None:
                 # The constraint compiled: say so at once (the frontend commits a stream's HTTP status on it,
@@ -110,6 +114,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         expired = True
                         continue  # the deadline's abort: the call ends with DEADLINE_EXCEEDED instead
                 yield _to_proto(delta, prompt_tokens)
+            outcome = worker_pb2.LeaseResult.OUTCOME_TIMEOUT if expired else (
+                worker_pb2.LeaseResult.OUTCOME_OK if finish != "abort" else worker_pb2.LeaseResult.OUTCOME_CANCELLED)
+        except InfermeshError as exc:
+            if exc.http_status >= 500:
+                outcome = worker_pb2.LeaseResult.OUTCOME_FAILED
+            raise
         except asyncio.CancelledError:
             if timer is None or not timer.forced:
                 if deadline is not None and seconds_left(deadline) <= CANCEL_SLACK:
@@ -123,11 +133,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if task is not None:
                 task.uncancel()
             expired, finish = True, "abort"
+            outcome = worker_pb2.LeaseResult.OUTCOME_TIMEOUT
+        except Exception:
+            outcome = worker_pb2.LeaseResult.OUTCOME_FAILED
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
             await stream.aclose()
-            self.tracker.release(held)
+            self.tracker.release(held, observed.result(request.lease_id, outcome))
             observed.on_finish(finish)
         if expired:
             metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
@@ -179,7 +193,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                      kv_capacity_tokens=i.kv_capacity_tokens, block_size=i.block_size,
                                      version=i.version, task=i.task, embedding_dim=i.embedding_dim)
 
-    def report(self, started: list[str], finished: list[str]) -> worker_pb2.LoadReport:
+    def report(self, started: list[str], finished: list[str],
+               results: Sequence[worker_pb2.LeaseResult] = ()) -> worker_pb2.LoadReport:
         load = self.engine.load()
         t = self.tracker
         return worker_pb2.LoadReport(
@@ -189,7 +204,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             committed_tokens=t.committed_tokens, prefix_cache_hit_rate=load.prefix_cache_hit_rate,
             draining=t.draining, leases_started=started, leases_finished=finished,
             leases_active=t.leases_active(), max_model_len=self.info.max_model_len, block_size=self.info.block_size,
-            embedding_dim=self.info.embedding_dim)
+            embedding_dim=self.info.embedding_dim, results=results, ready_since=self.ready_since)
 
     async def WatchLoad(self, request: worker_pb2.WatchLoadRequest,
                         context: Any) -> AsyncIterator[worker_pb2.LoadReport]:
@@ -198,10 +213,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         logger.info("load watcher %r connected", request.watcher)
         try:
             while True:
-                started, finished = watcher.started, watcher.finished
-                watcher.started, watcher.finished = [], []
+                started, finished, results = watcher.started, watcher.finished, watcher.results
+                watcher.started, watcher.finished, watcher.results = [], [], []
                 watcher.wake.clear()
-                yield self.report(started, finished)
+                yield self.report(started, finished, results)
                 if self.tracker.closing:
                     return
                 try:

@@ -19,7 +19,9 @@ model at. It is never the default and always says it is simulated.
   acknowledged as the real worker does, but not enforced: the words are the
   same as without it. Structured outputs are tested on the real engine only.
 - `fail_after_tokens` makes the engine die (for failure tests): in-flight
-  streams fail with EngineDead and the worker exits non-zero.
+  streams fail with EngineDead and the worker exits non-zero. `fail_rate`
+  fails that share of requests before their first token (an error of the
+  request, the engine lives on): a bad model version, for canary tests.
 - The embed task (`task="embed"`): each request is one batch, which takes
   `embed_ms` plus `prompt_token_ms` per input token; at most `max_num_seqs`
   batches run at once, more wait. Each input's vector is a deterministic unit
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infermesh.common.errors import EngineDead
+from infermesh.common.errors import EngineDead, InternalError
 from infermesh.gpu_worker.engine import (
     Delta,
     EmbedRequest,
@@ -72,6 +74,9 @@ class SimOptions:
     max_model_len: int = 0  # 0: the model's own (or 8192 without a model directory)
     # Failure injection: the engine dies after generating this many tokens in all (0: never).
     fail_after_tokens: int = 0
+    # Failure injection: this share of requests fails before its first token (an engine error of that request
+    # alone: the engine lives on), after the time to first token.
+    fail_rate: float = 0.0
     # Start-up: like vLLM's, the engine knows its window, capacity and block size only once it has
     # started, which takes this long (a mesh whose workers are still loading).
     start_ms: float = 0.0
@@ -237,6 +242,9 @@ class SimEngine(Engine):
         bases = [hash((salt or 0, hash(tuple(original)), i)) for i in range(req.n)]
         open_choices = list(range(req.n))
         emitted = 0
+        if self.options.fail_rate and random.random() < self.options.fail_rate:
+            await asyncio.sleep(max(0.0, first_at - loop.time()))
+            raise InternalError("simulated request failure (the engine's --sim-fail-rate)")
         while open_choices:
             due_at = first_at + emitted * itl
             delay = due_at - loop.time()

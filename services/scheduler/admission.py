@@ -43,6 +43,7 @@ class Ticket:
     constraint_hash: int = 0  # the output constraint's class (0: none)
     exclude: frozenset[str] = frozenset()
     request_id: str = ""
+    version_pinned: bool = False  # the caller asked for this version itself (served even when rolled back)
     enqueued_at: float = 0.0
     future: asyncio.Future[Any] | None = None
     dead: bool = False

@@ -22,12 +22,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from infermesh.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, QueueTimeout, Unavailable
+from infermesh.common.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    QueueTimeout,
+    Unavailable,
+    VersionRolledBack,
+)
 from infermesh.scheduler import metrics
 from infermesh.scheduler.admission import PRIORITY_NAMES, DrainRate, FairQueue, ServiceRate, Ticket, priority_level
 from infermesh.scheduler.capacity import State, WorkerCapacity
 from infermesh.scheduler.leases import Lease, LeaseTable
 from infermesh.scheduler.policies import Policy
+from infermesh.scheduler.versions import VersionBook
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +88,8 @@ class Dispatcher:
         self.models: dict[str, ModelInfo] = {}  # every model a worker ever served
         self.leases = LeaseTable()
         self._by_model: dict[str, list[WorkerCapacity]] = {}
+        # Versioned models' split and canary analysis: fed from here, evaluated on its own tick.
+        self.versions = VersionBook(ready=lambda served: bool(self._ready(served)))
 
     # ---- workers (fed by the WorkerPool) ----
 
@@ -133,6 +144,8 @@ class Dispatcher:
         w = self.worker(address)
         before = w.state
         started, ended = w.apply_report(report, self.clock())
+        if report.results:
+            self.versions.on_results(w.model, report.results)
         for lease_id in started:
             self.leases.mark_started(lease_id)
         for lease_id in ended:
@@ -157,6 +170,7 @@ class Dispatcher:
         for lease_id in ids:
             if self.leases.pop(lease_id) is not None:
                 metrics.child(metrics.LEASES_ENDED, "worker_lost").inc()
+        self.versions.on_failures(w.model, "worker_lost", len(ids))
         self.policy.forget(address)
         self._reindex()
         metrics.observe_worker(w)
@@ -231,9 +245,13 @@ class Dispatcher:
         the SLO's budget), both with a `retry_after` hint from the queue's drain rate.
         """
         try:
+            if self.versions.refuses(ticket.model, ticket.version_pinned):
+                raise VersionRolledBack(f"the version {ticket.model!r} was rolled back; its model's stable "
+                                        "version serves the request")
             self._check(ticket)
         except (InvalidRequest, NotFound, Unavailable) as exc:
-            reason = {InvalidRequest: "invalid", NotFound: "unknown_model"}.get(type(exc), "no_worker")
+            reason = {InvalidRequest: "invalid", NotFound: "unknown_model",
+                      VersionRolledBack: "rolled_back"}.get(type(exc), "no_worker")
             metrics.child(metrics.REJECTED, reason).inc()
             raise
         if timeout is not None and timeout <= 0:  # refused at once, even with room
@@ -289,6 +307,7 @@ class Dispatcher:
         # Retry once the queue has moved past this ticket's place: those still waiting, and itself.
         retry_after = model.drain.retry_after(len(model.queue) + 1, self.clock(),
                                               ceiling=self.limits.queue_timeout)
+        self.versions.on_failures(ticket.model, "timeout")
         if reason == "slo_budget":
             raise QueueTimeout(f"no worker had room within {wait:.3g}s, the admission queue's share of the "
                                f"{self.limits.ttft_slo:g}s TTFT SLO", retry_after=min(retry_after, wait))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -43,6 +44,8 @@ class SchedulerConfig(ServiceConfig):
     report_interval_ms: int = option(1000, "Load-report period asked of the workers (they also report at once on "
                                      "every lease started or finished and on draining).")
     stale_after: float = option(3.0, "Seconds without a load report before a worker counts as unreachable.")
+    state_file: str = option("", "Where rollbacks and rollout starts of the catalog's versions are kept across "
+                             "restarts (default: $INFERMESH_HOME/scheduler/versions.json; 'none': nowhere).")
 
     def __post_init__(self) -> None:
         # "a:1,b:2" as one flag value, or repeated flags: one flat list either way.
@@ -109,9 +112,16 @@ async def serve(config: SchedulerConfig) -> None:
 
         holder = CatalogHolder.open(config.catalog)
 
+        from infermesh.common.model_prep import infermesh_home
+        from infermesh.scheduler.versions import StateFile
+
+        if config.state_file != "none":
+            dispatcher.versions.state = StateFile(config.state_file or infermesh_home() / "scheduler" / "versions.json")
+
         def expect(catalog: Catalog) -> None:
-            for entry in catalog.models:
+            for entry in catalog.served_models():
                 dispatcher.expect_model(entry.name)
+            dispatcher.versions.apply(catalog)
         expect(holder.current)
         holder.add_listener(expect)  # a model added to the catalog: its queue and metrics at once
     pool = WorkerPool(dispatcher, static=config.workers, dns=config.workers_dns, dns_interval=config.dns_interval,
@@ -126,6 +136,8 @@ async def serve(config: SchedulerConfig) -> None:
     async def ready() -> None:
         if holder is not None:
             following.append(holder.follow())
+            analysis = asyncio.get_running_loop().create_task(dispatcher.versions.run())
+            following.append(lambda: _cancel(analysis))
         await pool.start()
         await pool.wait_first_attempts(timeout=5.0)
         logger.info("scheduler policy %s over %d workers", policy.name, len(pool.watches))
@@ -138,6 +150,10 @@ async def serve(config: SchedulerConfig) -> None:
         for stop in following:
             stop()
         await pool.stop()
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

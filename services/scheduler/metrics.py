@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 logger = logging.getLogger(__name__)
 
 REJECT_REASONS = ("queue_full", "timeout", "deadline", "no_worker", "unknown_model", "too_large", "invalid",
-                  "cancelled", "slo_budget", "slo_forecast")
+                  "cancelled", "slo_budget", "slo_forecast", "rolled_back")
 # The outcomes each policy of `infermesh.scheduler.policies` decides with (a policy not listed,
 # such as a test's, has its series created as it first decides).
 ROUTING_OUTCOMES: dict[str, tuple[str, ...]] = {
@@ -36,7 +36,8 @@ QUEUE_DEPTH = Gauge("infermesh_scheduler_queue_depth", "Requests waiting for a l
 ADMITTED = Counter("infermesh_scheduler_admitted_total", "Leases granted.", ["model"])
 REJECTED = Counter("infermesh_scheduler_rejected_total",
                    "Admissions refused, by reason (queue_full, timeout, deadline, no_worker, "
-                   "unknown_model, too_large, invalid, cancelled; with a TTFT SLO: slo_budget for a wait "
+                   "unknown_model, too_large, invalid, cancelled; rolled_back: a canary version rolled back "
+                   "since the frontend split the request to it; with a TTFT SLO: slo_budget for a wait "
                    "past the SLO's share, slo_forecast for an expected wait too long, refused at once).",
                    ["reason"])
 QUEUE_TIME = Histogram("infermesh_scheduler_queue_time_seconds",
@@ -46,6 +47,26 @@ ROUTING = Counter("infermesh_scheduler_routing_decisions_total", "Routing decisi
                   ["policy", "outcome"])
 LEASES_ENDED = Counter("infermesh_scheduler_leases_ended_total",
                        f"Leases ended, by how ({', '.join(LEASE_ENDINGS)}).", ["how"])
+
+# Versions of a versioned model (infermesh.scheduler.versions): `model` is the model's name, `version` the version's.
+VERSION_OUTCOMES = ("ok", "failed", "timeout", "worker_lost")
+ROLLBACK_REASONS = ("error_rate", "ttft", "tpot")
+VERSION_REQUESTS = Counter("infermesh_scheduler_version_requests_total",
+                           "Requests of a model's version that ended, by outcome (ok; failed: the engine failed it; "
+                           "timeout: its deadline or the queue timeout; worker_lost: its worker's stream broke).",
+                           ["model", "version", "outcome"])
+VERSION_TTFT = Histogram("infermesh_scheduler_version_ttft_seconds",
+                         "Time to first token of a version's requests, as its workers measured it.",
+                         ["model", "version"], buckets=LATENCY_BUCKETS)
+VERSION_TPOT = Histogram("infermesh_scheduler_version_tpot_seconds",
+                         "Mean time per output token after the first of a version's requests.",
+                         ["model", "version"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32,
+                                                        0.64, 1.28))
+VERSION_WEIGHT = Gauge("infermesh_scheduler_version_weight",
+                       "Percent of a model's requests its version takes now (after rollout steps and rollbacks).",
+                       ["model", "version"])
+ROLLBACKS = Counter("infermesh_rollbacks_total", "Canary versions rolled back, by reason (error_rate, ttft, tpot).",
+                    ["model", "version", "reason"])
 
 _WORKER_LABELS = ["worker", "model"]
 WORKER_STATE = Gauge("infermesh_scheduler_worker_state",
@@ -134,3 +155,14 @@ for _reason in REJECT_REASONS:
     child(REJECTED, _reason)
 for _how in LEASE_ENDINGS:
     child(LEASES_ENDED, _how)
+
+
+def precreate_version(model: str, version: str) -> None:
+    """A version's series at zero from the moment the catalog lists it."""
+    for outcome in VERSION_OUTCOMES:
+        VERSION_REQUESTS.labels(model=model, version=version, outcome=outcome)
+    for reason in ROLLBACK_REASONS:
+        ROLLBACKS.labels(model=model, version=version, reason=reason)
+    VERSION_TTFT.labels(model=model, version=version)
+    VERSION_TPOT.labels(model=model, version=version)
+    VERSION_WEIGHT.labels(model=model, version=version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -47,7 +48,7 @@ def ticket_from(request: scheduler_pb2.AdmitRequest, task: str = "generate") -> 
                   tenant=request.context.tenant, priority=request.context.priority,
                   prefix_hashes=request.prefix_hashes, constraint_hash=request.constraint_hash,
                   exclude=frozenset(request.exclude_workers),
-                  request_id=request.context.request_id)
+                  request_id=request.context.request_id, version_pinned=request.version_pinned)
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
@@ -93,3 +94,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                                  owned_by="infermesh", created=self.created, block_size=m.block_size,
                                  task=m.task, embedding_dim=m.embedding_dim)
             for m in models])
+
+    async def WatchVersions(self, request: scheduler_pb2.WatchVersionsRequest,
+                            context: Any) -> AsyncIterator[scheduler_pb2.VersionSplits]:
+        async for splits in self.dispatcher.versions.watch():
+            yield splits

@@ -231,7 +231,7 @@ def test_chains_agree_or_conflict_across_the_file() -> None:
     ("  - name: x\n    task: rerank\n    weights: {dir: /m}\n",
      ["c.yaml:3: models[0].task: expected one of generate, embed, got 'rerank'"]),
     ("  - name: 'bad name'\n    weights: {dir: /m}\n",
-     ["c.yaml:2: models[0].name: 'bad name' is no valid name (1-128 characters: letters, digits and . _ : / @ + -, "
+     ["c.yaml:2: models[0].name: 'bad name' is no valid name (1-128 characters: letters, digits and . _ : / + -, "
       "starting with a letter or digit)"]),
     ("  - name: no\n    weights: {dir: /m}\n", ["c.yaml:2: models[0].name: expected a string, got False (quote it)"]),
     ("  - name: x\n    weights: {dir: /m}\n    workers: true\n",
@@ -243,9 +243,9 @@ def test_chains_agree_or_conflict_across_the_file() -> None:
      ["c.yaml:4: models[0].engine: expected a mapping, got a list"]),
     ("  - name: x\n    weights: {dir: /m}\n    aliases: [y, {z: 1}]\n",
      ["c.yaml:4: models[0].aliases[1]: expected a string, got a mapping"]),
-    ("  - name: x\n    weights: {dir: /m}\n    versions: []\n",
-     ["c.yaml:4: models[0].versions: unknown key; known: name, task, weights, aliases, tier, prices, engine, "
-      "workers"]),
+    ("  - name: x\n    weights: {dir: /m}\n    colour: red\n",
+     ["c.yaml:4: models[0].colour: unknown key; known: name, task, weights, aliases, tier, prices, engine, "
+      "workers, versions, stable, rollback"]),
     ("  - name: x\n    name: y\n    weights: {dir: /m}\n",
      ["c.yaml:3: models[0].name: duplicate key (first given on line 2)"]),
 ])

@@ -39,8 +39,11 @@ def test_every_class_is_in_the_table_with_a_complete_row() -> None:
     # a worker's refusal at capacity and its failures are.
     assert not any(cls.retry_elsewhere for cls in ERRORS if cls.http_status < 429)
     assert not errors.DeadlineExceeded.retry_elsewhere
+    # A version rolled back is left for its model's stable version (the next of the chain), not its other workers.
+    assert not errors.VersionRolledBack.retry_elsewhere and errors.VersionRolledBack.fall_back
     assert all(cls.retry_elsewhere for cls in ERRORS
-               if cls.http_status == 429 or (cls.http_status >= 500 and cls is not errors.DeadlineExceeded))
+               if cls.http_status == 429 or (cls.http_status >= 500 and cls not in (errors.DeadlineExceeded,
+                                                                                       errors.VersionRolledBack)))
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)

@@ -28,6 +28,7 @@ from infermesh.common.catalog.schema import (
     TASKS,
     TIER_HEADER,
     TIERS,
+    VERSION_SEP,
     Catalog,
     CatalogError,
     Cooldown,
@@ -37,6 +38,8 @@ from infermesh.common.catalog.schema import (
     Prices,
     Problem,
     RequestFacts,
+    Rollback,
+    RolloutStep,
     Route,
     RouteRule,
     Weights,
@@ -44,5 +47,5 @@ from infermesh.common.catalog.schema import (
 from infermesh.common.catalog.watch import CatalogHolder, ReloadResult
 
 __all__ = ["TASKS", "TIERS", "TIER_HEADER", "Catalog", "CatalogError", "CatalogHolder", "Cooldown", "EngineOptions",
-           "FallbackChain", "ModelEntry", "Prices", "Problem", "ReloadResult", "RequestFacts", "Route", "RouteRule",
-           "Weights", "load_catalog", "parse_catalog"]
+           "FallbackChain", "ModelEntry", "Prices", "Problem", "ReloadResult", "RequestFacts", "Rollback",
+           "RolloutStep", "Route", "RouteRule", "VERSION_SEP", "Weights", "load_catalog", "parse_catalog"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -15,6 +15,9 @@ from infermesh.common.catalog.schema import (
     FORMAT,
     TASKS,
     TIERS,
+    VERSION_PATTERN,
+    VERSION_RULE,
+    VERSION_SEP,
     Catalog,
     CatalogError,
     Cooldown,
@@ -23,6 +26,8 @@ from infermesh.common.catalog.schema import (
     ModelEntry,
     Prices,
     Problem,
+    Rollback,
+    RolloutStep,
     Route,
     RouteRule,
     Weights,
@@ -40,35 +45,159 @@ class _Parsed:
     chains: list[list[Ref]] = field(default_factory=list)
 
 
+@dataclass
+class _Version:
+    """A version as read, with the places `_check_versions` names."""
+
+    entry: ModelEntry
+    name: Ref
+    weights: list[tuple[float, yaml.Node, str]]  # each traffic weight it gives (`traffic`, steps' `set_weight`)
+
+
 def _model(r: Reader, f: Fields, base_dir: Path | None) -> tuple[ModelEntry, Ref, list[Ref]] | None:
     name = f.ref("name", required=True)
     task = f.string("task", "generate", choices=TASKS)
-    weights = _weights(r, f, task, base_dir)
+    versioned = "versions" in f.keys
+    weights = None if versioned else _weights(r, f, task, base_dir)
     aliases = f.strings("aliases", name=True)
     tier = f.string("tier", "cheap", choices=TIERS)
     prices = Prices()
     if (pf := f.section("prices")) is not None:
         prices = Prices(pf.number("prompt_per_mtok", 0.0, 0, 1e6), pf.number("completion_per_mtok", 0.0, 0, 1e6))
         pf.done()
-    engine = EngineOptions()
-    if (ef := f.section("engine")) is not None:
-        engine = EngineOptions(
-            max_model_len=ef.integer("max_model_len", None, 16, 10_000_000),
-            max_num_seqs=ef.integer("max_num_seqs", None, 1, 65_536),
-            kv_cache_gb=ef.number("kv_cache_gb", None, 0, 4096, low_open=True),
-            enforce_eager=ef.boolean("enforce_eager", None),
-            dtype=ef.string("dtype", choices=DTYPES) or None,
-            block_size=ef.integer("block_size", None, 1, 1024),
-            tensor_parallel_size=ef.integer("tensor_parallel_size", None, 1, 64))
-        ef.done()
-    workers = f.integer("workers", 1, 0, 64)
+    engine = _engine(f, EngineOptions())
+    if versioned:
+        for key in ("weights", "workers"):
+            if key in f.keys:
+                r.problem(f.keys[key][0], f.at(key), "a model with versions gives its weights and workers in each "
+                                                      "version")
+                f.known.append(key)
+        stable = f.ref("stable", required=True)
+        rollback = _rollback(f.section("rollback"))
+        nodes = f.entries("versions", required=True)
+        versions = [v for path, node in nodes
+                    if (vf := r.fields(node, path)) is not None
+                    and (v := _version(r, vf, name.name if name else "", task, engine, stable, base_dir)) is not None]
+    else:
+        workers = f.integer("workers", 1, 0, 64)
+        f.known.append("versions")
+        for key in ("stable", "rollback"):
+            if key in f.keys:
+                r.problem(f.keys[key][0], f.at(key), "only a model with versions has this")
+            f.known.append(key)
     f.done()
     if name is None:
         return None
-    # Kept with invalid weights too (the catalog is refused anyway), so references to it are not reported.
-    entry = ModelEntry(name.name, weights or Weights(), task, tuple(a.name for a in aliases), tier, prices, engine,
-                       workers)
+    if not versioned:
+        # Kept with invalid weights too (the catalog is refused anyway), so references to it are not reported.
+        return ModelEntry(name.name, weights or Weights(), task, tuple(a.name for a in aliases), tier, prices, engine,
+                          workers), name, aliases
+    entries = [replace(v.entry, aliases=(), tier=tier, prices=prices) for v in versions]
+    stable_entry = _check_versions(r, f, versions, stable, complete=bool(nodes) and len(versions) == len(nodes))
+    entry = ModelEntry(name.name, stable_entry.weights if stable_entry else Weights(), task,
+                       tuple(a.name for a in aliases), tier, prices,
+                       stable_entry.engine if stable_entry else engine, 0, tuple(entries),
+                       stable.name if stable else "", rollback)
     return entry, name, aliases
+
+
+def _engine(f: Fields, base: EngineOptions) -> EngineOptions:
+    """The `engine` section over `base` (a versioned model's own options, which a version's override)."""
+    ef = f.section("engine")
+    if ef is None:
+        return base
+    engine = EngineOptions(
+        max_model_len=ef.integer("max_model_len", base.max_model_len, 16, 10_000_000),
+        max_num_seqs=ef.integer("max_num_seqs", base.max_num_seqs, 1, 65_536),
+        kv_cache_gb=ef.number("kv_cache_gb", base.kv_cache_gb, 0, 4096, low_open=True),
+        enforce_eager=ef.boolean("enforce_eager", base.enforce_eager),
+        dtype=ef.string("dtype", base.dtype or "", choices=DTYPES) or None,
+        block_size=ef.integer("block_size", base.block_size, 1, 1024),
+        tensor_parallel_size=ef.integer("tensor_parallel_size", base.tensor_parallel_size, 1, 64))
+    ef.done()
+    return engine
+
+
+def _version(r: Reader, f: Fields, model: str, task: str, engine: EngineOptions, stable: Ref | None,
+             base_dir: Path | None) -> _Version | None:
+    ref = f.ref("name", required=True, pattern=(VERSION_PATTERN, VERSION_RULE))
+    weights = _weights(r, f, task, base_dir)
+    own_engine = _engine(f, engine)
+    workers = f.integer("workers", 1, 0, 64)
+    traffic = f.number("traffic", 0.0, 0, 100)
+    given = [(traffic, f.keys["traffic"][1], f.at("traffic"))] if "traffic" in f.keys else []
+    steps: list[RolloutStep] = []
+    for path, node in f.entries("rollout"):
+        if (sf := r.fields(node, path)) is None:
+            continue
+        weight = sf.number("set_weight", None, 0, 100)
+        pause = sf.duration("pause")
+        if len(sf.keys) != 1 and set(sf.keys) <= {"set_weight", "pause"}:
+            r.problem(node, path, "a step is one of set_weight (percent) and pause (a duration: 30s, 5m, 1h)")
+        sf.done()
+        if weight is not None:
+            given.append((weight, sf.keys["set_weight"][1], sf.at("set_weight")))
+        if weight is not None or pause is not None:
+            steps.append(RolloutStep(set_weight=weight, pause_s=pause))
+    if ref is not None and stable is not None and ref.name == stable.name:
+        for key, wrong in (("traffic", bool(traffic)), ("rollout", bool(steps))):
+            if wrong:
+                r.problem(f.keys[key][1], f.at(key), "the stable version takes the traffic the canaries leave: it "
+                                                     "has no traffic or rollout of its own")
+    f.done()
+    if ref is None:
+        return None
+    entry = ModelEntry(f"{model}{VERSION_SEP}{ref.name}", weights or Weights(), task, engine=own_engine,
+                       workers=workers, model=model, version=ref.name, traffic=traffic, rollout=tuple(steps))
+    return _Version(entry, ref, given)
+
+
+def _check_versions(r: Reader, f: Fields, versions: list[_Version], stable: Ref | None, *,
+                    complete: bool) -> ModelEntry | None:
+    """Unique names, a stable version among them, canaries' traffic within 100 % at every step of every rollout
+    (`complete`: every version was read, so a missing name is the stable one's fault)."""
+    seen: dict[str, Ref] = {}
+    for v in versions:
+        if (first := seen.get(v.entry.version)) is not None:
+            r.problem(v.name.line, v.name.path, f"the version {v.entry.version!r} is given already ({first.path}, "
+                                                f"line {first.line})")
+        seen.setdefault(v.entry.version, v.name)
+    node = f.keys["versions"][1] if "versions" in f.keys else None
+    if isinstance(node, yaml.SequenceNode) and not node.value:
+        r.problem(node, f.at("versions"), "at least one version is required")
+    if stable is None:
+        return None
+    found = next((v.entry for v in versions if v.entry.version == stable.name), None)
+    if found is None:
+        if complete:
+            r.problem(stable.line, stable.path, f"no version is named {stable.name!r}"
+                      + did_you_mean(stable.name, [v.entry.version for v in versions]))
+        return None
+    # Each canary's rollout runs on its own clock, so at some moment every canary may be at its largest weight.
+    peaks = [(v.entry.version, max(v.weights, key=lambda w: w[0])) for v in versions
+             if v.entry.version != stable.name and v.weights]
+    total = 0.0
+    for _, (weight, node, path) in peaks:
+        total += weight
+        if total > 100:
+            largest = ", ".join(f"{version} {w:g}" for version, (w, _, _) in peaks)
+            r.problem(node, path, f"the canaries' traffic adds up to {sum(w for _, (w, _, _) in peaks):g} % at "
+                                  f"their largest weights ({largest}); at most 100")
+            break
+    return found
+
+
+def _rollback(f: Fields | None) -> Rollback:
+    d = Rollback()
+    if f is None:
+        return d
+    rollback = Rollback(window_s=f.number("window_s", d.window_s, 0, 86_400, low_open=True),
+                        min_requests=f.integer("min_requests", d.min_requests, 1, 1_000_000),
+                        max_error_rate=f.number("max_error_rate", d.max_error_rate, 0, 1),
+                        max_ttft_ratio=f.number("max_ttft_ratio", d.max_ttft_ratio, 1, 1000),
+                        max_tpot_ratio=f.number("max_tpot_ratio", d.max_tpot_ratio, 1, 1000))
+    f.done()
+    return rollback
 
 
 def _weights(r: Reader, f: Fields, task: str, base_dir: Path | None) -> Weights | None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import yaml
-from infermesh.common.catalog.schema import NAME_PATTERN, NAME_RULE, Problem
+from infermesh.common.catalog.schema import NAME_PATTERN, NAME_RULE, VERSION_SEP, Problem
 
 T = TypeVar("T")
 
@@ -173,15 +174,53 @@ class Fields:
                 out.append(Ref(value, item.start_mark.line + 1, path))
         return out
 
-    def ref(self, key: str, *, required: bool = False) -> Ref | None:
-        """A name this mapping refers to, with its line and path."""
-        value = self.string(key, required=required, name=True)
+    def ref(self, key: str, *, required: bool = False,
+            pattern: tuple[re.Pattern[str], str] | None = None) -> Ref | None:
+        """A name this mapping refers to, with its line and path (a catalog name, or one of `pattern`: the
+        expression and its rule in words)."""
+        if pattern is None:
+            value = self.string(key, required=required, name=True)
+        else:
+            value = self._scalar(key, "", lambda v: _check_string(v, (), False) or (
+                "" if pattern[0].fullmatch(v) else f"{v!r} is no valid name ({pattern[1]})"), required)
         return Ref(value, self.keys[key][1].start_mark.line + 1, self.at(key)) if value else None
+
+    def duration(self, key: str) -> float | None:
+        """A duration in seconds: a number, or a text such as `30s`, `5m`, `1h`, `1m30s`; at most 30 days."""
+        def check(v: Any) -> str:
+            if parse_duration(v) is not None:
+                return ""
+            if parse_duration(v, limit=math.inf) is not None:
+                return f"must be at most {MAX_DURATION_S / 86_400:g} days, got {v!r}"
+            return f"expected a duration (30, 30s, 5m, 1h, 1m30s), got {v!r}"
+        value = self._scalar(key, None, check)
+        return parse_duration(value) if value is not None else None
 
     def done(self, *, ignore_prefix: str = "") -> None:
         for key, (key_node, _) in self.keys.items():
             if key not in self.known and not (ignore_prefix and key.startswith(ignore_prefix)):
                 self.r.problem(key_node, self.at(key), "unknown key" + did_you_mean(key, self.known))
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+MAX_DURATION_S = 30 * 86_400
+
+
+def parse_duration(v: Any, *, limit: float = MAX_DURATION_S) -> float | None:
+    """Seconds from a number (>= 0) or a text of hours, minutes and seconds (`1h`, `5m`, `1m30s`, `0.5s`), up to
+    `limit`; None for anything else."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v) if math.isfinite(v) and 0 <= v <= limit else None
+    if not isinstance(v, str) or not v.strip():
+        return None
+    m = _DURATION.fullmatch(v.strip())
+    if m is None or not any(m.groups()):
+        return None
+    h, mins, sec = (float(g) if g else 0.0 for g in m.groups())
+    total = h * 3600 + mins * 60 + sec
+    return total if total <= limit else None
 
 
 def _check_string(v: Any, choices: Sequence[str], name: bool) -> str:
@@ -190,7 +229,10 @@ def _check_string(v: Any, choices: Sequence[str], name: bool) -> str:
     if choices and v not in choices:
         return f"expected one of {', '.join(choices)}, got {v!r}" + did_you_mean(v, choices, list_known=False)
     if name and not NAME_PATTERN.fullmatch(v):
-        return f"{v!r} is no valid name ({NAME_RULE})"
+        pin = VERSION_SEP in v and NAME_PATTERN.fullmatch(v.partition(VERSION_SEP)[0]) is not None
+        return f"{v!r} is no valid name ({NAME_RULE})" + (
+            f"; {VERSION_SEP} pins a version in a request's model (NAME{VERSION_SEP}VERSION), it is no part of a name"
+            if pin else "")
     if not v.strip():
         return "must not be empty"
     return ""

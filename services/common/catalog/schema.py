@@ -5,6 +5,7 @@ problems a file can have (`Problem`, `CatalogError`)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,11 @@ TASKS = ("generate", "embed")
 TIERS = ("cheap", "standard", "premium")  # cheapest first
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 TIER_HEADER = "x-infermesh-tier"  # the header in which a client asks for a tier (a route's `tier` condition)
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
-NAME_RULE = "1-128 characters: letters, digits and . _ : / @ + -, starting with a letter or digit"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
+NAME_RULE = "1-128 characters: letters, digits and . _ : / + -, starting with a letter or digit"
+VERSION_SEP = "@"  # `NAME@VERSION`: one version of a model (a pin in `model`, the name its workers serve)
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VERSION_RULE = "1-64 characters: letters, digits and . _ -, starting with a letter or digit"
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,36 @@ class EngineOptions:
 
 
 @dataclass(frozen=True)
+class RolloutStep:
+    """One step of a canary's progressive rollout: set its traffic (percent), or pause (seconds)."""
+
+    set_weight: float | None = None
+    pause_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """When a canary is rolled back: over the last `window_s` seconds, with at least `min_requests` of its
+    requests, its error rate above `max_error_rate` (and above the stable version's), or its p95 time to
+    first token / time per output token above `max_ttft_ratio` / `max_tpot_ratio` times the stable
+    version's (which then needs `min_requests` too)."""
+
+    window_s: float = 60.0
+    min_requests: int = 100
+    max_error_rate: float = 0.01
+    max_ttft_ratio: float = 1.5
+    max_tpot_ratio: float = 1.5
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """One model the mesh serves."""
+    """One model the mesh serves; or one version of a versioned model (`model` and `version` set).
+
+    A versioned model lists its `versions`, each a ModelEntry named `MODEL@VERSION` with its own weights,
+    engine options and workers (the name its workers and tokenizer serve). `stable` names the version that
+    takes the traffic the canaries leave and that a canary's failed request is retried on. The model's own
+    `weights` and `engine` are the stable version's, and its `workers` 0.
+    """
 
     name: str
     weights: Weights
@@ -110,10 +142,39 @@ class ModelEntry:
     prices: Prices = Prices()
     engine: EngineOptions = EngineOptions()
     workers: int = 1  # how many workers `infermesh up` starts for it (0: they run elsewhere)
+    versions: tuple[ModelEntry, ...] = ()
+    stable: str = ""
+    rollback: Rollback = Rollback()
+    # A version's own fields:
+    model: str = ""  # the versioned model's name
+    version: str = ""
+    traffic: float = 0.0  # a canary's share of the model's requests, in percent (the stable version: the rest)
+    rollout: tuple[RolloutStep, ...] = ()
 
     def spec(self) -> str:
         """The `--model` value of the services that load it: NAME=DIR."""
         return f"{self.name}={self.weights.path()}"
+
+    def served(self) -> tuple[ModelEntry, ...]:
+        """What workers and tokenizers load for this model: its versions, or the model itself."""
+        return self.versions or (self,)
+
+    def version_named(self, version: str) -> ModelEntry | None:
+        return next((v for v in self.versions if v.version == version), None)
+
+    @property
+    def stable_version(self) -> ModelEntry | None:
+        return self.version_named(self.stable) if self.versions else None
+
+    @property
+    def canaries(self) -> tuple[ModelEntry, ...]:
+        return tuple(v for v in self.versions if v.version != self.stable)
+
+    def fingerprint(self) -> str:
+        """A version's definition (weights, engine, traffic, rollout) as a short hash: a rollback holds until
+        the catalog changes the version it was decided for."""
+        text = repr((self.name, self.weights.describe(), self.engine, self.traffic, self.rollout))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -215,6 +276,8 @@ class Catalog:
         for m in self.models:
             for name in (m.name, *m.aliases):
                 self._by_name[name] = m
+            for v in m.versions:
+                self._by_name[v.name] = v
         self._routes.update((r.name, r) for r in self.routes)
         for chain in self.chains:
             members = [self._by_name[n].name for n in chain.models]
@@ -229,8 +292,22 @@ class Catalog:
         return cls(models=(ModelEntry(name, Weights(dir=str(directory))),))
 
     def lookup(self, name: str) -> ModelEntry | Route | None:
-        """The model (a name or an alias) or route a client's model name means, or None."""
-        return self._by_name.get(name) or self._routes.get(name)
+        """The model (a name or an alias), version (`NAME@VERSION`, an alias's too) or route a client's model
+        name means, or None."""
+        found = self._by_name.get(name) or self._routes.get(name)
+        if found is None and VERSION_SEP in name:
+            base, _, version = name.rpartition(VERSION_SEP)
+            model = self._by_name.get(base)
+            found = model.version_named(version) if model is not None else None
+        return found
+
+    def model_of(self, entry: ModelEntry) -> ModelEntry:
+        """A version's model (a model: itself)."""
+        return self._by_name[entry.model] if entry.model else entry
+
+    def served_models(self) -> tuple[ModelEntry, ...]:
+        """Every model workers and tokenizers load: each version of a versioned model, each other model."""
+        return tuple(s for m in self.models for s in m.served())
 
     def resolve(self, name: str, facts: RequestFacts | None = None) -> ModelEntry:
         """The model a client's model name means: aliases followed, a route's rules applied to `facts`."""
@@ -252,7 +329,7 @@ class Catalog:
         """
         if name in self._routes:
             raise ValueError(f"{name!r} is a route; resolve it to a model first")
-        chain, current = [], self.resolve(name).name
+        chain, current = [], self.model_of(self.resolve(name)).name
         while current in self._next:  # validated acyclic
             current = self._next[current]
             chain.append(self._by_name[current])

@@ -25,6 +25,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             sampling=plan.sampling(req.to_sampling()), tenant=caller.tenant, priority=req.priority_value,
             messages=req.chat_messages(), add_generation_prompt=req.add_generation_prompt,
             params=req.sampling_params(), deadline=caller.deadline, targets=ctx.targets,
+            version=caller.version_choice(req.user),
             facts=req.route_facts(caller.tier), tools=plan.render)
         fmt = ChatFormat("chatcmpl-" + caller.request_id, now(), gen.model, gen.prepared.tokenizer,
                          req.num_logprobs() is not None, tool_names=plan.tool_names)

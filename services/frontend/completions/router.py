@@ -28,6 +28,7 @@ def routes(ctx: ApiContext) -> list[Route]:
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_ids=prompt if isinstance(prompt, list) else None,
             params=req.sampling_params(), deadline=caller.deadline, targets=ctx.targets,
+            version=caller.version_choice(req.user),
             facts=req.route_facts(caller.tier))
         fmt = CompletionFormat("cmpl-" + caller.request_id, now(), gen.model, gen.prepared.tokenizer,
                                req.num_logprobs() is not None)

@@ -49,7 +49,7 @@ def routes(ctx: ApiContext) -> list[Route]:
     async def embeddings(request: Request) -> Response:
         caller = await serving.caller(request)
         req: EmbeddingRequest = parse(EmbeddingRequest, caller.body)  # type: ignore[arg-type]  # any model
-        model = ctx.targets.resolve(req.model, task="embed")
+        model = ctx.targets.embed_model(req.model, caller.version_choice(req.user))
         params = EmbedParams(model=model, request_id=caller.request_id, tenant=caller.tenant,
                              priority=req.priority_value, deadline=caller.deadline,
                              admit_timeout=ctx.options.admit_timeout, dimensions=req.dimensions or 0,
@@ -58,6 +58,7 @@ def routes(ctx: ApiContext) -> list[Route]:
         texts = req.texts()
         result = await _unless_gone(request, embed(ctx.backends, params, texts=texts,
                                                    token_ids=None if texts is not None else req.token_ids()))
+        result.model = ctx.targets.served_name(result.model)  # a version's model by the name clients see
         return Response(response_body(result, req.encoding_format or "float"), media_type="application/json")
 
     return [Route("/v1/embeddings", "POST", embeddings, "Embeddings", body=EmbeddingRequest)]

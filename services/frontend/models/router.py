@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 def routes(ctx: ApiContext) -> list[Route]:
     async def models(request: Request) -> JSONResponse:
         ctx.keys.tenant(request.headers.get("authorization"))
-        cards = model_list(ctx.targets.catalog, await ctx.backends.model_cards())
+        cards = model_list(ctx.targets.catalog, await ctx.backends.model_cards(), ctx.targets.versions)
         return JSONResponse({"object": "list", "data": [model_json(c) for c in cards]})
 
     return [Route("/v1/models", "GET", models, "Models served", statuses=(200, 401, 503))]

@@ -20,7 +20,9 @@ from typing import Any
 from infermesh.common.catalog import TIER_HEADER, TIERS
 from infermesh.common.context import current_request_id
 from infermesh.common.errors import Cancelled, InvalidRequest, PayloadTooLarge
+from infermesh.common.versions import SESSION_HEADER, VERSION_HEADER, sticky_key
 from infermesh.frontend import metrics
+from infermesh.frontend.models.versions import VersionChoice
 from infermesh.frontend.openai.formatting import ResponseFormat
 from infermesh.frontend.openai.sse import DONE, KEEPALIVE, EventStream, error_event
 from infermesh.frontend.request.generation import Generation
@@ -47,6 +49,12 @@ class Caller:
     body: Any
     deadline: float | None  # unix seconds
     tier: str | None = None  # the cost tier asked for (header x-infermesh-tier), for the catalog's routes
+    session: str = ""  # the x-session-id header: keeps a conversation on one version of a versioned model
+    version_pin: str = ""  # the x-infermesh-model-version header: the version asked for
+
+    def version_choice(self, user: str | None) -> VersionChoice:
+        """What picks the version of a versioned model for this caller (session, else `user`, else tenant)."""
+        return VersionChoice(sticky_key(session=self.session, user=user or "", tenant=self.tenant), self.version_pin)
 
 
 def now() -> int:
@@ -59,8 +67,11 @@ async def _disconnected(request: Request) -> None:
 
 
 def served_headers(gen: Generation) -> dict[str, str]:
-    """Which model serves the response and, after a fallback, the models tried (`a>b`)."""
+    """Which model serves the response, its version (a versioned model's) and, after a fallback, the names
+    tried (`a>b`)."""
     headers = {MODEL_HEADER: gen.model}
+    if gen.version:
+        headers[VERSION_HEADER] = gen.version
     if gen.fallback:
         headers[FALLBACK_HEADER] = gen.fallback
     return headers
@@ -87,7 +98,11 @@ class OpenAIServing:
         tier = request.headers.get(TIER_HEADER)
         if tier is not None and tier not in TIERS:
             raise InvalidRequest(f"the {TIER_HEADER} header must be one of {', '.join(TIERS)}", param=TIER_HEADER)
-        return Caller(current_request_id(), tenant, await self.read_json(request), deadline, tier)
+        session, pin = request.headers.get(SESSION_HEADER, ""), request.headers.get(VERSION_HEADER, "")
+        for name, value in ((SESSION_HEADER, session), (VERSION_HEADER, pin)):
+            if len(value) > 256:
+                raise InvalidRequest(f"the {name} header is longer than 256 characters", param=name)
+        return Caller(current_request_id(), tenant, await self.read_json(request), deadline, tier, session, pin)
 
     async def read_json(self, request: Request) -> Any:
         limit = self.ctx.max_body_bytes

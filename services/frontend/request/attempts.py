@@ -97,7 +97,7 @@ class Attempts:
         return scheduler_pb2.AdmitRequest(context=p.context(), model=p.model,
                                           prompt_tokens=len(p.prompt_ids) + generated, max_tokens=max_tokens,
                                           prefix_hashes=p.prefix_hashes, exclude_workers=exclude, n=n,
-                                          constraint_hash=p.constraint_hash)
+                                          constraint_hash=p.constraint_hash, version_pinned=p.version_pinned)
 
     def _admit_timeout(self) -> float | None:
         p = self.prepared

@@ -26,6 +26,7 @@ from infermesh.common.errors import (
     Unavailable,
 )
 from infermesh.frontend import metrics
+from infermesh.frontend.models.versions import ANY_VERSION, VersionChoice
 from infermesh.frontend.request.attempts import Attempts
 from infermesh.frontend.request.interfaces import RequestBackends
 from infermesh.frontend.request.output import OutputBuffer
@@ -70,8 +71,14 @@ class Generation:
 
     @property
     def model(self) -> str:
-        """The model serving the request (the last one tried)."""
-        return self.prepared.model
+        """The model serving the request (the last one tried), by the name clients see (a version's model)."""
+        return self._targets.served_name(self.prepared.model)
+
+    @property
+    def version(self) -> str:
+        """The version of a versioned model serving the request ('' for a model without versions)."""
+        served = self.prepared.model
+        return served[len(self.model) + 1:] if served != self.model else ""
 
     @property
     def fallback(self) -> str:
@@ -141,7 +148,7 @@ class Generation:
     def _on_error(self, exc: InfermeshError) -> bool:
         """An error that would end the request: counted towards the model's cooldown, and taken on by the
         next model of the chain when nothing was produced yet (True)."""
-        model, policy = self.model, self._targets.cooldown_policy()
+        model, policy = self.prepared.model, self._targets.cooldown_policy()
         if policy is not None and exc.cools_down:
             self._targets.cooldowns.failed(model, policy)
             self._probe = None
@@ -211,28 +218,35 @@ async def start_generation(backends: RequestBackends, options: ServingOptions, *
                            prompt_ids: list[int] | None = None, add_generation_prompt: bool = True,
                            params: Mapping[str, str] | None = None, deadline: float | None = None,
                            targets: ModelTargets | None = None, facts: RequestFacts | None = None,
-                           tools: Sequence[common_pb2.Tool] = ()) -> Generation:
+                           tools: Sequence[common_pb2.Tool] = (), version: VersionChoice = ANY_VERSION
+                           ) -> Generation:
     """The request path's one entry: the model (aliases, a route's rules, the fallback chain and cooldowns of
     the catalog), prepared (limits, render, context window), and its attempts started.
 
     `facts` are what a route's rules read of the request besides its rendered length (the API fills them in);
     `tools` are a chat's tools shown to the model, checked with the output constraint (`sampling.structured`)
-    by `constraints.ToolPlan` first.
+    by `constraints.ToolPlan` first. `version` picks the version of a versioned model (its sticky key; a version
+    the caller pinned).
     """
     targets = targets or _NO_CATALOG
+    if not version.key:
+        version = dataclasses.replace(version, key=f"request:{request_id}")  # no caller to keep: this request
+    pinned = targets.pinned(model, version)
 
-    def prepare_for(target: str) -> Awaitable[PreparedRequest]:
-        return prepare(backends, request_id=request_id, model=target, sampling=sampling, tenant=tenant,
-                       priority=priority, messages=messages, prompt=prompt, prompt_ids=prompt_ids,
-                       add_generation_prompt=add_generation_prompt, params=params, deadline=deadline,
-                       admit_timeout=options.admit_timeout, tools=tools)
+    async def prepare_for(target: str) -> PreparedRequest:
+        prepared = await prepare(backends, request_id=request_id, model=target, sampling=sampling, tenant=tenant,
+                                 priority=priority, messages=messages, prompt=prompt, prompt_ids=prompt_ids,
+                                 add_generation_prompt=add_generation_prompt, params=params, deadline=deadline,
+                                 admit_timeout=options.admit_timeout, tools=tools)
+        prepared.version_pinned = pinned
+        return prepared
 
     route = targets.route_of(model)
     ready: PreparedRequest | None = None
     if route is not None:
         # The rules read the rendered prompt's length: render for the route's default model first (the
         # model that serves most requests), and again only when a rule picks another.
-        default = targets.resolve(route.default)
+        default = targets.chain(targets.resolve(route.default), version)[0]
         try:
             ready = await prepare_for(default)
             prompt_tokens = len(ready.prompt_ids)
@@ -244,6 +258,6 @@ async def start_generation(backends: RequestBackends, options: ServingOptions, *
         metrics.ROUTE_DECISIONS.labels(route=route.name, target=target).inc()
     else:
         target = targets.resolve(model)
-    gen = Generation(backends, prepare_for, targets.chain(target), targets, requested=model)
+    gen = Generation(backends, prepare_for, targets.chain(target, version), targets, requested=model)
     gen.route = route.name if route is not None else None
     return await gen.begin(ready)

@@ -40,6 +40,7 @@ class PreparedRequest(CallerContext):
     admit_timeout: float | None = None
     prefix_hashes: list[int] = field(default_factory=list)
     constraint_hash: int = 0  # the output constraint's class, for the scheduler's affinity (0: none)
+    version_pinned: bool = False  # the caller asked for this version itself (`model` is NAME@VERSION)
 
     @property
     def n(self) -> int:

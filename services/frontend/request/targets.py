@@ -10,13 +10,17 @@ and anything else is a 404 `model_not_found`.
   (`generate` for chat and completions, `embed` for embeddings); a route is
   only for `generate`.
 - `route_of(name)`: the route a name is, or None; `choose(route, facts)` applies its rules.
-- `chain(model)`: the model, then its fallbacks, in the order they are tried.
+- `chain(model, choice)`: the names tried in order: the model, then its fallbacks. A versioned model is the
+  version its split picks for the request (`models/versions.py`), then its stable version; a pinned version
+  (`NAME@VERSION`, or the version header) is that version alone.
 """
 
 from __future__ import annotations
 
-from infermesh.common.catalog import Catalog, CatalogHolder, Cooldown, ModelEntry, RequestFacts, Route
+from infermesh.common.catalog import VERSION_SEP, Catalog, CatalogHolder, Cooldown, ModelEntry, RequestFacts, Route
 from infermesh.common.errors import InvalidRequest, NotFound
+from infermesh.common.versions import VERSION_HEADER
+from infermesh.frontend.models.versions import ANY_VERSION, VersionChoice, VersionSplit
 from infermesh.frontend.request.cooldown import Cooldowns
 
 _TASK_API = {"generate": "chat and completions", "embed": "embeddings"}
@@ -26,6 +30,7 @@ class ModelTargets:
     def __init__(self, holder: CatalogHolder | None = None) -> None:
         self.holder = holder
         self.cooldowns = Cooldowns()
+        self.versions = VersionSplit()
 
     @property
     def catalog(self) -> Catalog | None:
@@ -71,15 +76,61 @@ class ModelTargets:
                                  param="model")
         return found.name
 
+    def served_name(self, name: str) -> str:
+        """The model's name clients see for a served name: `chat@v2` is `chat`."""
+        catalog = self.catalog
+        found = catalog.lookup(name) if catalog is not None else None
+        if isinstance(found, ModelEntry) and found.version:
+            return found.model
+        return name
+
     def choose(self, route: Route, facts: RequestFacts) -> str:
         """The model a route's rules pick for a request with these facts."""
         catalog = self.catalog
         assert catalog is not None
         return catalog.resolve(route.choose(facts)).name
 
-    def chain(self, model: str) -> list[str]:
-        """`model`, then the models its fallback chain tries after it (without a catalog: `model` alone)."""
+    def chain(self, model: str, choice: VersionChoice = ANY_VERSION) -> list[str]:
+        """The names tried for `model`, in order: it (a versioned model: the version `choice` picks, then its
+        stable version), then the models of its fallback chain; a pinned version alone. Without a catalog,
+        `model` alone."""
         catalog = self.catalog
         if catalog is None or catalog.lookup(model) is None:
+            if choice.pin:
+                raise InvalidRequest(f"the model `{model}` has no versions", param=VERSION_HEADER)
             return [model]
-        return [catalog.resolve(model).name, *(m.name for m in catalog.fallbacks(model))]
+        entry = catalog.resolve(model)
+        if entry.version and choice.pin and choice.pin != entry.version:
+            raise InvalidRequest(f"`{model}` names the version {entry.version!r} and the {VERSION_HEADER} "
+                                 f"header {choice.pin!r}", param=VERSION_HEADER)
+        pin = entry.version or choice.pin
+        first = catalog.model_of(entry)
+        names = self._versions(first, choice.key, pin)
+        if pin:
+            return names
+        for fallback in catalog.fallbacks(first.name):
+            names += [n for n in self._versions(fallback, choice.key, "") if n not in names]
+        return names
+
+    def _versions(self, model: ModelEntry, key: str, pin: str) -> list[str]:
+        if not model.versions:
+            if pin:
+                raise InvalidRequest(f"the model `{model.name}` has no versions", param=VERSION_HEADER)
+            return [model.name]
+        if pin:
+            version = model.version_named(pin)
+            if version is None:
+                raise NotFound(f"The model `{model.name}` has no version `{pin}`.", param="model")
+            return [version.name]
+        picked, stable = self.versions.pick(model, key), f"{model.name}{VERSION_SEP}{model.stable}"
+        return [picked] if picked == stable else [picked, stable]
+
+    def embed_model(self, name: str, choice: VersionChoice = ANY_VERSION) -> str:
+        """The served name an embeddings request for `name` goes to: the model, or the version its split picks
+        (an embedding is one short call: no retry on the stable version)."""
+        return self.chain(self.resolve(name, task="embed"), choice)[0]
+
+    def pinned(self, model: str, choice: VersionChoice) -> bool:
+        """Whether the request asks for a version itself (served even when the scheduler rolled it back)."""
+        entry = self.entry(model)
+        return bool(choice.pin) or (entry is not None and bool(entry.version))
