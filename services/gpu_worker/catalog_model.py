@@ -2,8 +2,11 @@
 
 With a catalog, `--model` may be a name (or alias) of the catalog instead of a directory: the worker then
 serves that model from its weights (`NAME=DIR`), with its engine options and task, as `infermesh up` and
-the Kubernetes manifests start it. Flags given on the command line still win over the catalog's (they come
-after them). Both may also come from the environment (`INFERMESH_CATALOG`, `INFERMESH_MODEL`).
+the Kubernetes manifests start it. A version, `NAME@VERSION` (`chat@v2`, `chat-small@v2`), is served under
+`chat@v2` with that version's weights and options (the model's engine options under its own); a versioned
+model's bare name means its stable version (workers serve versions: the scheduler routes `chat` to them).
+Flags given on the command line still win over the catalog's (they come after them). Both may also come from
+the environment (`INFERMESH_CATALOG`, `INFERMESH_MODEL`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def expand(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> lis
     entry = load_catalog(catalog_path).lookup(name)
     from infermesh.common.catalog import ModelEntry
 
+    if isinstance(entry, ModelEntry) and entry.versions:
+        entry = entry.stable_version
     if not isinstance(entry, ModelEntry):
         raise SystemExit(f"infermesh worker: --model {name!r} is not a model of the catalog {catalog_path} "
                          "(nor a directory)")

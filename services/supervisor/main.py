@@ -123,10 +123,11 @@ def resolve_model(config: UpConfig) -> Path:
 
 
 def prepare_catalog_models(catalog: Catalog) -> None:
-    """Prepares (once) every model of the catalog that names a prepared model; checks the directories given."""
+    """Prepares (once) every served model of the catalog (each version of a versioned model) that names a
+    prepared model; checks the directories given."""
     from infermesh.common.model_prep import is_complete, prepare_model
 
-    for m in catalog.models:
+    for m in catalog.served_models():
         path = m.weights.path()
         if not m.weights.prepared:
             if not (path / "config.json").is_file():
@@ -177,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, worker_args = parse(list(sys.argv[1:] if argv is None else argv))
         if config.catalog:
             catalog = load_catalog(config.catalog)
-        workers = sum(m.workers for m in catalog.models) if catalog is not None else config.workers
+        workers = len(mesh.catalog_workers(catalog)) if catalog is not None else config.workers
         plan = ports.plan(workers, config.frontends, config.ports_from)
     except CatalogError as exc:
         return _fail(f"invalid catalog:\n{exc}", 2)
@@ -205,10 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     log_dir = Path(config.log_dir).expanduser() if config.log_dir else infermesh_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    placed = [m.task == "generate" for m in catalog.models for _ in range(m.workers)] if catalog else [True] * workers
-    placement = mesh.cpu_plan(config.engine, sum(placed), worker_args) if config.cpu_placement and any(placed) else None
+    indices = mesh.placed_workers(catalog, workers)
+    placement = mesh.cpu_plan(config.engine, len(indices), worker_args) if config.cpu_placement and indices else None
     if placement is not None:
-        indices = [i for i, p in enumerate(placed) if p]
         _say("CPU placement: " + "; ".join(f"worker-{i} model on cores {cpus.to_text(g)}"
                                            for i, g in zip(indices, placement.workers, strict=True)) +
              (f"; everything else on {cpus.to_text(placement.serving)}" if placement.serving

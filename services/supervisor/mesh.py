@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermesh.common import cpus
-from infermesh.common.catalog import Catalog
+from infermesh.common.catalog import Catalog, ModelEntry
 from infermesh.supervisor import envoy_config, readiness
 from infermesh.supervisor.children import Child
 from infermesh.supervisor.ports import PortPlan
@@ -73,6 +73,20 @@ def cpu_plan(engine: str, workers: int, worker_args: Sequence[str]) -> cpus.Plan
     return cpus.plan(workers, cpus.allowed())
 
 
+def catalog_workers(catalog: Catalog) -> list[ModelEntry]:
+    """The workers `infermesh up` starts for a catalog, in order: each served model (each version of a
+    versioned model, `chat@v2`, and each other model) `workers` times."""
+    return [m for m in catalog.served_models() for _ in range(m.workers)]
+
+
+def placed_workers(catalog: Catalog | None, workers: int) -> list[int]:
+    """The workers whose engines get cores of their own: the generate ones (an embed worker's pooling
+    runner serves more requests unpinned: bench/embeddings_bench.py); without a catalog, all `workers`."""
+    if catalog is None:
+        return list(range(workers))
+    return [i for i, m in enumerate(catalog_workers(catalog)) if m.task == "generate"]
+
+
 class MeshBuilder:
     """Builds the supervised children of one local mesh."""
 
@@ -99,16 +113,8 @@ class MeshBuilder:
             return argv
         return [sys.executable, "-m", "infermesh.common.cpus", "--cpus", cpus.to_text(serving), "--", *argv]
 
-    def placed_workers(self) -> list[int]:
-        """The workers whose engines get cores of their own: the generate ones (an embed worker's pooling
-        runner serves more requests unpinned: bench/embeddings_bench.py)."""
-        if self.catalog is None:
-            return list(range(len(self.plan.workers)))
-        tasks = [m.task for m in self.catalog.models for _ in range(m.workers)]
-        return [i for i, task in enumerate(tasks) if task == "generate"]
-
     def _worker_cpus(self, index: int) -> list[str]:
-        placed = self.placed_workers()
+        placed = placed_workers(self.catalog, len(self.plan.workers))
         if self.placement is None or index not in placed:
             return []
         serving = self.placement.serving
@@ -143,12 +149,13 @@ class MeshBuilder:
                              readiness.grpc_serving(self._addr(p.scheduler)), [p.scheduler, p.scheduler_metrics])
 
     def worker_models(self) -> list[list[str]]:
-        """Each worker's model options: the catalog's models, each `workers` times (`--model NAME=DIR`, its
-        engine options, its task); without a catalog, the one model for every worker."""
+        """Each worker's model options: the catalog's served models (a version's name is `chat@v2`), each
+        `workers` times (`--model NAME=DIR`, its engine options, its task); without a catalog, the one model
+        for every worker."""
         if self.catalog is None:
             return [["--model", str(self.model)] if self.model else [] for _ in self.plan.workers]
         return [["--model", m.spec(), *m.engine.worker_args(), *(["--task", m.task] if m.task != "generate" else [])]
-                for m in self.catalog.models for _ in range(m.workers)]
+                for m in catalog_workers(self.catalog)]
 
     def workers(self) -> list[Child]:
         # The options passed through to every worker come first: a catalog's engine options for a model win.

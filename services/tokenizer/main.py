@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,7 @@ from infermesh.common.runner import run_service
 from infermesh.common.server import GrpcServer
 
 if TYPE_CHECKING:
+    from infermesh.common.catalog import Catalog, ModelEntry
     from infermesh.tokenizer.models import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -39,20 +40,27 @@ class TokenizerConfig(ServiceConfig):
         return problems
 
 
+def to_load(catalog: Catalog, loaded: Container[str] = ()) -> list[ModelEntry]:
+    """The catalog's models whose tokenizers are not `loaded` yet: every served model, each version of a
+    versioned model under its own name (`chat@v2`, the name the frontend renders with), in the file's order."""
+    return [m for m in catalog.served_models() if m.name not in loaded]
+
+
 def model_specs(config: TokenizerConfig) -> list[str]:
-    """The models to load: `--model`, else every model of the catalog, else the prepared default model."""
+    """The models to load: `--model`, else every served model of the catalog, else the prepared default model."""
     if config.model:
         return config.model
     if config.catalog:
         from infermesh.common.catalog import load_catalog
         from infermesh.common.model_prep import is_complete
 
-        catalog = load_catalog(config.catalog)
-        missing = [m.name for m in catalog.models if m.weights.prepared and not is_complete(m.weights.path())]
+        models = to_load(load_catalog(config.catalog))
+        missing = [m.weights.prepared for m in models if m.weights.prepared and not is_complete(m.weights.path())]
         if missing:
-            raise SystemExit(f"infermesh tokenizer: the catalog's models {', '.join(missing)} are not prepared; "
-                             f"run `infermesh prepare-model {' '.join(missing)}`")
-        return [m.spec() for m in catalog.models]
+            names = " ".join(dict.fromkeys(missing))
+            raise SystemExit(f"infermesh tokenizer: the catalog's prepared models {names} are not converted yet; "
+                             f"run `infermesh prepare-model {names}`")
+        return [m.spec() for m in models]
     from infermesh.common.model_prep import default_model_dir, is_complete
 
     default = default_model_dir()
@@ -91,11 +99,11 @@ async def serve(config: TokenizerConfig) -> None:
 
 
 def follow_catalog(path: str, registry: ModelRegistry) -> Callable[[], None]:
-    """Loads the tokenizer of each model a reloaded catalog adds (models it drops stay: requests in flight
-    may still name them, and nothing routes new ones to them)."""
+    """Loads the tokenizer of each model (or version) a reloaded catalog adds (those it drops stay: requests
+    in flight may still name them, and nothing routes new ones to them)."""
     import asyncio
 
-    from infermesh.common.catalog import Catalog, CatalogHolder
+    from infermesh.common.catalog import CatalogHolder
     from infermesh.tokenizer.models import ModelTokenizer
 
     holder = CatalogHolder.open(path)
@@ -112,11 +120,10 @@ def follow_catalog(path: str, registry: ModelRegistry) -> Callable[[], None]:
         logger.info("loaded tokenizer for %s (vocabulary %d), new in the catalog", name, model.vocab_size)
 
     def changed(catalog: Catalog) -> None:
-        for m in catalog.models:
-            if m.name not in registry.models:
-                task = loop.create_task(load(m.name, m.weights.path()))
-                loading.add(task)
-                task.add_done_callback(loading.discard)
+        for m in to_load(catalog, registry.models):
+            task = loop.create_task(load(m.name, m.weights.path()))
+            loading.add(task)
+            task.add_done_callback(loading.discard)
     holder.add_listener(changed)
     return holder.follow()
 
