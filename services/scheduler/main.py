@@ -128,8 +128,11 @@ async def serve(config: SchedulerConfig) -> None:
                       watcher=f"scheduler@{socket.gethostname()}:{os.getpid()}",
                       interval_ms=config.report_interval_ms, stale_after=config.stale_after)
     name = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+    async def on_drain() -> None:
+        dispatcher.versions.close()  # the frontends' WatchVersions streams end, as the workers' load streams do
+
     server = GrpcServer("scheduler", config, [(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                                               SchedulerService(dispatcher), name)])
+                                               SchedulerService(dispatcher), name)], on_drain=on_drain)
 
     following = []
 

@@ -176,6 +176,7 @@ class VersionBook:
         self._generation = 0
         self._changed = asyncio.Event()
         self._last: bytes = b""
+        self.closing = False  # the scheduler drains: watches end (a frontend follows another replica)
 
     # ---- the catalog ----
 
@@ -377,13 +378,18 @@ class VersionBook:
 
     async def watch(self) -> AsyncIterator[scheduler_pb2.VersionSplits]:
         """The split now, then again on every change (and at least every few seconds, with fresh numbers)."""
-        while True:
+        while not self.closing:
             event = self._changed
             yield self.splits()
             try:
                 await asyncio.wait_for(event.wait(), timeout=5.0)
             except TimeoutError:
                 pass
+
+    def close(self) -> None:
+        """Ends every watch (the scheduler is draining)."""
+        self.closing = True
+        self._changed.set()
 
     async def run(self) -> None:
         """Evaluates every TICK_S until cancelled."""

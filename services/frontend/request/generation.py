@@ -97,10 +97,10 @@ class Generation:
     async def _next_model(self, ready: PreparedRequest | None, error: InfermeshError | None) -> PreparedRequest:
         """The next model of the chain prepared for this request (cooling models skipped while another is
         left; a prompt too long for a model goes on to the next); raises the last error when none is left."""
-        cooldowns, policy = self._targets.cooldowns, self._targets.cooldown_policy()
-        tried = bool(self.path)
+        cooldowns, tried = self._targets.cooldowns, bool(self.path)
         while self._remaining:
             name = self._remaining.pop(0)
+            policy = self._targets.cooldown_policy(name)
             verdict = cooldowns.admits(name) if policy is not None else "yes"
             if verdict == "no" and self._remaining:
                 self._note_fallback(name, self._remaining[0], "cooldown")
@@ -148,7 +148,8 @@ class Generation:
     def _on_error(self, exc: InfermeshError) -> bool:
         """An error that would end the request: counted towards the model's cooldown, and taken on by the
         next model of the chain when nothing was produced yet (True)."""
-        model, policy = self.prepared.model, self._targets.cooldown_policy()
+        model = self.prepared.model
+        policy = self._targets.cooldown_policy(model)
         if policy is not None and exc.cools_down:
             self._targets.cooldowns.failed(model, policy)
             self._probe = None

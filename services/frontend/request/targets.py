@@ -36,10 +36,16 @@ class ModelTargets:
     def catalog(self) -> Catalog | None:
         return self.holder.current if self.holder is not None else None
 
-    def cooldown_policy(self) -> Cooldown | None:
-        """The catalog's cooldown (None without a catalog: no model is ever skipped)."""
+    def cooldown_policy(self, name: str = "") -> Cooldown | None:
+        """The catalog's cooldown for `name` (None: never skipped; without a catalog, and for a canary version,
+        whose failures the scheduler's analysis judges: a canary in cooldown would starve its own analysis)."""
         catalog = self.catalog
-        return catalog.cooldown if catalog is not None else None
+        if catalog is None:
+            return None
+        found = catalog.lookup(name) if name else None
+        if isinstance(found, ModelEntry) and found.version and found.version != catalog.model_of(found).stable:
+            return None
+        return catalog.cooldown
 
     def entry(self, name: str) -> ModelEntry | None:
         """The catalog's model (name or alias), or None (no catalog, or a route)."""
@@ -78,10 +84,8 @@ class ModelTargets:
 
     def served_name(self, name: str) -> str:
         """The model's name clients see for a served name: `chat@v2` is `chat`."""
-        catalog = self.catalog
-        found = catalog.lookup(name) if catalog is not None else None
-        if isinstance(found, ModelEntry) and found.version:
-            return found.model
+        if self.catalog is not None and VERSION_SEP in name:  # a catalog's names have no `@`: a version's
+            return name.partition(VERSION_SEP)[0]  # (also of a version a reload removed while it served)
         return name
 
     def choose(self, route: Route, facts: RequestFacts) -> str:
