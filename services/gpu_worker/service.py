@@ -36,6 +36,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.tracker = LoadTracker(self.info.max_num_seqs, self.info.kv_capacity_tokens)
         self.ready = False
         self.ready_since = 0.0  # unix seconds: when the warm engine began to serve
+        self.rollback = worker_pb2.RollbackMark()  # a scheduler's rollback of this version (empty: none)
         metrics.export_load(self.info.model, engine.load)
         metrics.precreate(self.info.model)
 
@@ -127,6 +128,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     # Its cancellation may reach us a hair before our clock reads the deadline (the caller
                     # turned the deadline into a timeout earlier): a call cancelled that close is its deadline.
                     metrics.DEADLINE_EXCEEDED.labels(model_name=self.info.model).inc()
+                    outcome = worker_pb2.LeaseResult.OUTCOME_TIMEOUT
                 raise
             # The engine did not end the stream after the deadline's abort: the timer cancelled us.
             task = asyncio.current_task()
@@ -186,6 +188,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             found = await self.engine.abort(key) or found
         return worker_pb2.AbortResponse(found=found)
 
+    async def MarkRollback(self, request: worker_pb2.RollbackMark, context: Any) -> worker_pb2.RollbackMark:
+        if request.fingerprint != self.rollback.fingerprint:
+            logger.warning("a scheduler marked this version (%s) rolled back: %s", self.info.model,
+                           request.reason or "cleared")
+        self.rollback.CopyFrom(request)
+        self.tracker.wake_all()  # every scheduler hears of it in its next report, at once
+        return self.rollback
+
     async def Info(self, request: worker_pb2.InfoRequest, context: Any) -> worker_pb2.WorkerInfo:
         i = self.info
         return worker_pb2.WorkerInfo(worker_id=self.worker_id, model=i.model, max_model_len=i.max_model_len,
@@ -204,7 +214,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             committed_tokens=t.committed_tokens, prefix_cache_hit_rate=load.prefix_cache_hit_rate,
             draining=t.draining, leases_started=started, leases_finished=finished,
             leases_active=t.leases_active(), max_model_len=self.info.max_model_len, block_size=self.info.block_size,
-            embedding_dim=self.info.embedding_dim, results=results, ready_since=self.ready_since)
+            embedding_dim=self.info.embedding_dim, results=results, ready_since=self.ready_since,
+            rollback=self.rollback if self.rollback.fingerprint else None)
 
     async def WatchLoad(self, request: worker_pb2.WatchLoadRequest,
                         context: Any) -> AsyncIterator[worker_pb2.LoadReport]:

@@ -146,6 +146,8 @@ class Dispatcher:
         started, ended = w.apply_report(report, self.clock())
         if report.results:
             self.versions.on_results(w.model, report.results)
+        if w.model in self.versions.tracks:
+            self.versions.on_mark(w.model, address, report.rollback)
         for lease_id in started:
             self.leases.mark_started(lease_id)
         for lease_id in ended:

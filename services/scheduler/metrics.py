@@ -65,8 +65,10 @@ VERSION_TPOT = Histogram("infermesh_scheduler_version_tpot_seconds",
 VERSION_WEIGHT = Gauge("infermesh_scheduler_version_weight",
                        "Percent of a model's requests its version takes now (after rollout steps and rollbacks).",
                        ["model", "version"])
-ROLLBACKS = Counter("infermesh_rollbacks_total", "Canary versions rolled back, by reason (error_rate, ttft, tpot).",
-                    ["model", "version", "reason"])
+ROLLBACKS = Counter("infermesh_rollbacks_total",
+                    "Canary versions rolled back, by reason (error_rate, ttft, tpot): each scheduler replica counts "
+                    "every rollback it takes, decided itself or taken on from another replica's mark (alert on "
+                    "max over replicas).", ["model", "version", "reason"])
 
 _WORKER_LABELS = ["worker", "model"]
 WORKER_STATE = Gauge("infermesh_scheduler_worker_state",

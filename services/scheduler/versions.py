@@ -17,12 +17,15 @@ A canary is rolled back when over the catalog's `rollback.window_s`, with at
 least `min_requests` of its requests, its error rate is above `max_error_rate`
 and above the stable version's, or its p95 TTFT (or TPOT) is above the ratio
 times the stable version's (which then needs `min_requests` too). A rollback
-is logged, counted (`infermesh_rollbacks_total`) and kept in the state file
-with the rollout's start, both under the version's definition
-(`ModelEntry.fingerprint`): a restarted scheduler neither brings a bad version
-back nor restarts a rollout, and a catalog that changes the version starts
-afresh. Every replica applies the same rule to the same reports, so they
-decide alike without talking to each other.
+is logged, counted (`infermesh_rollbacks_total`), kept in the state file with
+the rollout's start, both under the version's definition
+(`ModelEntry.fingerprint`), and marked on the version's workers
+(`Worker.MarkRollback`), whose every load report then carries it: a restarted
+scheduler, or a new replica with an empty state file, takes the rollback on
+from the first report (`on_mark`), so it neither brings a bad version back nor
+restarts a rollout; a catalog that changes the version starts afresh. Every
+replica applies the same rule to the same reports, so they decide alike; the
+mark makes them agree even when one saw less (it started later).
 
 Frontends follow the split through `WatchVersions` (`splits()`, `watch()`) and
 apply it with `infermesh.common.versions.split`; a request split to a version
@@ -51,6 +54,7 @@ from infermesh.v1 import scheduler_pb2, worker_pb2
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.25  # how often the split is evaluated (rollout steps, the windows' analysis)
+MARK_RESEND_S = 5.0  # a worker still without our rollback mark gets it again after this long
 MAX_SAMPLES = 50_000  # per version and window: the oldest go first beyond it
 
 _OUTCOMES = {worker_pb2.LeaseResult.OUTCOME_OK: "ok", worker_pb2.LeaseResult.OUTCOME_FAILED: "failed",
@@ -112,6 +116,7 @@ class Track:
     state: str = "waiting"
     step: int = 0
     stats: Stats = field(default_factory=Stats)
+    marked: dict[str, float] = field(default_factory=dict)  # worker address -> when the rollback mark was sent
 
 
 class StateFile:
@@ -177,6 +182,8 @@ class VersionBook:
         self._changed = asyncio.Event()
         self._last: bytes = b""
         self.closing = False  # the scheduler drains: watches end (a frontend follows another replica)
+        # Sends a rollback mark to a worker (address, mark): set by the scheduler's worker pool.
+        self.send_mark: Callable[[str, worker_pb2.RollbackMark], None] | None = None
 
     # ---- the catalog ----
 
@@ -245,6 +252,28 @@ class VersionBook:
             track.window.add(now, True)
         metrics.VERSION_REQUESTS.labels(model=track.entry.model, version=track.entry.version,
                                         outcome=outcome).inc(count)
+
+    def on_mark(self, served: str, address: str, mark: worker_pb2.RollbackMark) -> None:
+        """A worker's report carries its version's rollback mark (or none): a rollback another replica decided
+        is taken on; a rollback of ours its worker does not carry yet is sent to it (again every MARK_RESEND_S)."""
+        track = self.tracks.get(served)
+        if track is None:
+            return
+        fingerprint = track.entry.fingerprint()
+        if mark.fingerprint == fingerprint and track.rolled_back is None:
+            track.rolled_back = (mark.reason, mark.at)
+            if mark.reason in metrics.ROLLBACK_REASONS:
+                metrics.ROLLBACKS.labels(model=track.entry.model, version=track.entry.version, reason=mark.reason).inc()
+            logger.warning("model %s version %s rolled back (%s), as another scheduler replica decided: its "
+                           "workers carry the mark", track.entry.model, track.entry.version, mark.reason)
+            self._save(track)
+            self.evaluate()
+        elif track.rolled_back is not None and mark.fingerprint != fingerprint and self.send_mark is not None:
+            now = self.clock()
+            if now - track.marked.get(address, -MARK_RESEND_S) >= MARK_RESEND_S:
+                track.marked[address] = now
+                self.send_mark(address, worker_pb2.RollbackMark(fingerprint=fingerprint, reason=track.rolled_back[0],
+                                                                at=track.rolled_back[1]))
 
     # ---- the decision ----
 

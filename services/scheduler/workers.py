@@ -125,6 +125,21 @@ class WorkerPool:
         self.stale_after = stale_after
         self.watches: dict[str, WorkerWatch] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._marks: set[asyncio.Task[None]] = set()
+        dispatcher.versions.send_mark = self.send_mark
+
+    def send_mark(self, address: str, mark: worker_pb2.RollbackMark) -> None:
+        """Marks the worker's version rolled back (in the background: a failed call is retried by the next
+        report that lacks the mark)."""
+        async def send() -> None:
+            try:
+                async with channel(address) as ch:
+                    await worker_pb2_grpc.WorkerStub(ch).MarkRollback(mark, timeout=max(1.0, self.stale_after))
+            except grpc.RpcError as exc:
+                logger.warning("marking worker %s rolled back failed: %s", address, exc.code().name)
+        task = asyncio.get_running_loop().create_task(send())
+        self._marks.add(task)
+        task.add_done_callback(self._marks.discard)
 
     def _add(self, address: str) -> None:
         if address in self.watches:

@@ -1,7 +1,8 @@
 """Model versions over real processes (tokenizer, schedulers, simulated workers, frontend) under load, with
 faults injected into the canary: a canary that fails requests, and one with a slow first token, is rolled back
 within 5 s of crossing its threshold while clients see no failed request; a second scheduler replica watching
-the same workers decides the same; a restarted scheduler keeps the rollback; sticky sessions stay on their
+the same workers decides the same, and a new one with no history takes the rollback on from the canary
+worker's mark; a restarted scheduler keeps the rollback; sticky sessions stay on their
 version; a healthy canary is promoted through every step of its rollout; and a version added, shifted to and
 the old one removed, under load, fails no request (the new worker takes traffic only once its engine is warm).
 """
@@ -247,6 +248,19 @@ def test_a_failing_canary_is_rolled_back_and_clients_see_no_failure(make_mesh: C
         time.sleep(0.1)
     assert scheduler_sample(replica_metrics, "infermesh_rollbacks_total", model="chat", version="v2",
                             reason="error_rate") == 1
+    # A new replica with an empty state file (a replaced pod) takes the rollback on from the canary worker's
+    # load reports, which carry the mark a scheduler set on it: it never sends traffic to the bad version.
+    fresh_metrics = free_port()
+    fresh = start_versioned_scheduler(tmp_path, [w.address for w in mesh.workers.values()], mesh.catalog,
+                                      tmp_path / "fresh-state.json", fresh_metrics)
+    mesh.procs.append(fresh)
+    assert "marked this version (chat@v2) rolled back: error_rate" in mesh.workers["v2"].log()
+    deadline = time.monotonic() + 5
+    while "as another scheduler replica decided" not in fresh.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "model chat version v2 rolled back (error_rate), as another scheduler replica decided" in fresh.log()
+    assert scheduler_sample(fresh_metrics, "infermesh_scheduler_version_weight", model="chat", version="v2") == 0
+    fresh.stop()
     # A pinned request still reaches the rolled-back version (for testing it), by name or header.
     # (It fails 30 % of its requests, and a pinned request is not retried on another version: 500, or 503 once
     # its one worker is excluded.)
