@@ -286,7 +286,6 @@ class VersionBook:
             if stable is None:
                 continue
             stable.stats = stable.window.stats(now)
-            taken = 0.0
             canaries = [self.tracks[v.name] for v in m.canaries if v.name in self.tracks]
             for t in canaries:
                 t.stats = t.window.stats(now)
@@ -294,11 +293,12 @@ class VersionBook:
             for t in canaries:
                 if t.state in ("canary",):
                     self._analyse(m, t, stable)
+            # A promoted canary takes what the others in rollout leave; when two are, the first in the file's order.
+            taken = sum(c.weight for c in canaries if c.state == "canary")
             for t in canaries:
                 if t.state == "promoted":
-                    t.weight = max(0.0, 100.0 - sum(c.weight for c in canaries if c is not t and c.state in
-                                                    ("canary",)))
-                taken += t.weight
+                    t.weight = max(0.0, 100.0 - taken)
+                    taken += t.weight
             stable.state, stable.weight = "stable", max(0.0, 100.0 - taken)
             for t in (stable, *canaries):
                 metrics.VERSION_WEIGHT.labels(model=m.name, version=t.entry.version).set(t.weight)

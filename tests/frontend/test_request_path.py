@@ -194,6 +194,28 @@ async def test_prefix_hashes_use_the_workers_block_size_and_the_model_salt(fake:
     assert block_hashes(ids, 32, cache_salt("m")) != block_hashes(ids, 32, cache_salt("other"))
 
 
+async def test_a_versions_prefix_hashes_are_salted_by_its_version(fake: FakeBackends) -> None:
+    """Prefix affinity never takes a version's blocks for another's: the served name's version salts them."""
+    from infermesh.common.prefix import block_hashes, cache_salt
+    from infermesh.frontend.request.interfaces import ModelFacts
+
+    prompt = " ".join(f"word{i}" for i in range(64))
+    ids = fake.encode(prompt)
+    sent = {}
+    for served in ("m@v1", "m@v2"):
+        fake.facts[served] = ModelFacts(served, 4096, 16)
+        fake.admissions.append("w1")
+        fake.script("w1", tokens(fake.encode(" ok"), finish="stop"))
+        gen = await start_generation(fake, ServingOptions(), request_id="rid", model=served,
+                                     sampling=common_pb2.SamplingParams(max_tokens=4), tenant="t", priority=0,
+                                     prompt=prompt)
+        await drain(gen.output)
+        await gen.close()
+        sent[served] = list(fake.admitted[-1].prefix_hashes)
+    assert sent["m@v1"] == block_hashes(ids, 16, cache_salt("m", "v1"))
+    assert sent["m@v2"] == block_hashes(ids, 16, cache_salt("m", "v2")) and sent["m@v1"] != sent["m@v2"]
+
+
 async def test_a_model_whose_workers_have_not_reported_a_window_is_unavailable_not_a_bad_request(
         fake: FakeBackends) -> None:
     from infermesh.frontend.request.interfaces import ModelFacts

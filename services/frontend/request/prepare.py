@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from infermesh.common.catalog import VERSION_SEP
 from infermesh.common.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from infermesh.common.limits import check_context, check_sampling, check_vocab
 from infermesh.common.prefix import DEFAULT_BLOCK_SIZE, block_hashes, cache_salt
@@ -100,7 +101,8 @@ async def prepare(backends: RequestBackends, *, request_id: str, model: str, sam
         out.n = 1
     del out.stop[:]  # stop strings are matched here, in the frontend; the engine never sees them
     metrics.TOKENS_IN.inc(len(ids))
-    hashes = block_hashes(ids, facts.block_size or DEFAULT_BLOCK_SIZE, cache_salt(model))
+    base, _, version = model.partition(VERSION_SEP)  # a version's blocks are its own: the salt says which
+    hashes = block_hashes(ids, facts.block_size or DEFAULT_BLOCK_SIZE, cache_salt(base, version))
     return PreparedRequest(request_id=request_id, model=model, prompt_ids=ids, sampling=out,
                            stops=list(sampling.stop), tokenizer=tokenizer, tenant=tenant, priority=priority,
                            deadline=deadline, admit_timeout=admit_timeout, prefix_hashes=hashes,
