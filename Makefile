@@ -31,13 +31,18 @@ soak: setup model
 setup: $(VENV_STAMP) $(GEN_STAMP)
 
 # System tools the tests use, from Debian's packages: a real Prometheus server
-# (and promtool) for the observability tests. Installed only when missing.
+# (and promtool) for the observability tests, and a Redis server for the shared limits and cache.
+# Installed only when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
 	  echo "installing Debian's prometheus package (for the observability tests)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends prometheus >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing Debian's redis-server package (for the shared rate limits and response cache tests)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends redis-server >/dev/null; }
 
 model: setup
 	$(BIN)/infermesh prepare-model

@@ -42,4 +42,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # Fixture modules, one per area, so that each can grow without touching this file.
 pytest_plugins = ["tests.fixtures.worker", "tests.fixtures.scheduler", "tests.fixtures.mesh", "tests.fixtures.embed",
-                  "tests.fixtures.catalog"]
+                  "tests.fixtures.catalog", "tests.fixtures.redis"]
