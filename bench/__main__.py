@@ -7,6 +7,7 @@
     python -m bench tokenizer [options]  the tokenizer benchmark (bench/tokenizer_bench.py)
     python -m bench route [options]      a catalog route on a mixed workload (bench/route_bench.py)
     python -m bench embeddings [options] embeddings/s, the mesh against vLLM's server (bench/embeddings_bench.py)
+    python -m bench canary [options]     time to roll back a bad canary on simulated workers (bench/canary_bench.py)
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 SERVICE_BENCHES = {"worker": "bench.worker_bench", "frontend": "bench.frontend_bench",
                    "scheduler": "bench.scheduler_bench", "tokenizer": "bench.tokenizer_bench",
-                   "route": "bench.route_bench", "embeddings": "bench.embeddings_bench"}
+                   "route": "bench.route_bench", "embeddings": "bench.embeddings_bench",
+                   "canary": "bench.canary_bench"}
 
 
 def main(argv: list[str] | None = None) -> int:
