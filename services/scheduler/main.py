@@ -113,7 +113,7 @@ async def serve(config: SchedulerConfig) -> None:
         holder = CatalogHolder.open(config.catalog)
 
         from infermesh.common.model_prep import infermesh_home
-        from infermesh.scheduler.versions import StateFile
+        from infermesh.scheduler.version_state import StateFile
 
         if config.state_file != "none":
             dispatcher.versions.state = StateFile(config.state_file or infermesh_home() / "scheduler" / "versions.json")

@@ -15,7 +15,8 @@ from infermesh.common.catalog import Catalog, load_catalog, parse_catalog
 from infermesh.common.errors import VersionRolledBack
 from infermesh.scheduler import metrics
 from infermesh.scheduler.admission import Ticket
-from infermesh.scheduler.versions import StateFile, Track, VersionBook
+from infermesh.scheduler.version_state import StateFile
+from infermesh.scheduler.versions import Track, VersionBook
 from infermesh.v1 import worker_pb2
 from prometheus_client import REGISTRY
 
